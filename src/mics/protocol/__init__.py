@@ -1,0 +1,1 @@
+"""MICS wire protocol: generated protobuf modules, frame codec, signing, ids. Pure, no I/O."""

@@ -1,0 +1,95 @@
+"""Frame codec: bytes <-> ClientFrame / ServerFrame, plus helpers that build server frames.
+
+Pure: no sockets, no clock (callers pass timestamps). The gateway hands this module the
+payload of one binary WebSocket message and gets back a parsed frame or a FrameError
+carrying the error code the protocol prescribes (section 2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from mics.protocol.pb import mics_message_pb2 as msg_pb
+
+CONNECT_OK = 1000
+CLOSE_AUTH_FAILED = 4001
+CLOSE_INVALID_TENANT = 4002
+CLOSE_HEARTBEAT_TIMEOUT = 4100
+CLOSE_DRAINING = 4200
+CLOSE_REPLACED = 4409  # v1.1 takeover (section 9.9)
+CLOSE_RATE_LIMITED = 4429
+ERROR_INVALID_PROTOBUF = 4400
+ERROR_FRAME_TOO_LARGE = 4401
+
+FRAME_OVERHEAD_BYTES = 65_536  # frame limit = MAX_MESSAGE_BYTES + 64 KiB
+MAX_CLOSE_REASON_BYTES = 123
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError(Exception):
+    code: int
+    text: str
+
+
+def frame_limit(max_message_bytes: int) -> int:
+    """Largest accepted client frame; 0 means unlimited."""
+    return 0 if max_message_bytes <= 0 else max_message_bytes + FRAME_OVERHEAD_BYTES
+
+
+def decode_client_frame(data: bytes, limit: int) -> msg_pb.ClientFrame:
+    """Parse one client frame or raise FrameError (4401 too large, 4400 unparsable)."""
+    if limit and len(data) > limit:
+        raise FrameError(ERROR_FRAME_TOO_LARGE, "frame too large")
+    frame = msg_pb.ClientFrame()
+    try:
+        frame.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise FrameError(ERROR_INVALID_PROTOBUF, "invalid protobuf") from exc
+    return frame
+
+
+def truncate_close_reason(reason: str) -> str:
+    """Cut a close reason to 123 bytes of UTF-8 without splitting a character."""
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return raw[:MAX_CLOSE_REASON_BYTES].decode("utf-8", errors="ignore")
+
+
+def error_frame(code: int, text: str) -> bytes:
+    return msg_pb.ServerFrame(error=msg_pb.ServerError(code=code, message=text)).SerializeToString()
+
+
+def pong_frame(now_ms: int) -> bytes:
+    return msg_pb.ServerFrame(
+        heartbeat_pong=msg_pb.HeartbeatPong(timestamp_ms=now_ms)
+    ).SerializeToString()
+
+
+def ack_frame(ack: msg_pb.MessageAck) -> bytes:
+    return msg_pb.ServerFrame(ack=ack).SerializeToString()
+
+
+def delivery_frame(message: msg_pb.MessageRequest, offline_cursor: str = "") -> bytes:
+    delivery = msg_pb.MessageDelivery(message=message, offline_cursor=offline_cursor)
+    return msg_pb.ServerFrame(delivery=delivery).SerializeToString()
+
+
+def offline_sync_frame(delivered: int, complete: bool, reason: str) -> bytes:
+    sync = msg_pb.OfflineSync(delivered=delivered, complete=complete, reason=reason)
+    return msg_pb.ServerFrame(offline_sync=sync).SerializeToString()
+
+
+def ws_binary_header(length: int) -> bytes:
+    """RFC 6455 header of one unmasked, final, binary frame (server to client).
+
+    The gateway writes whole frames straight to the transport so that several frames
+    queued for one connection in one loop iteration leave in a single write.
+    """
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 1 << 16:
+        return bytes((0x82, 126)) + length.to_bytes(2, "big")
+    return bytes((0x82, 127)) + length.to_bytes(8, "big")
