@@ -20,7 +20,12 @@ trace_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace", default
 msg_var: contextvars.ContextVar[str] = contextvars.ContextVar("msg", default="")
 node_var: contextvars.ContextVar[str] = contextvars.ContextVar("node", default="")
 
-_CONTEXT = (("tenant", tenant_var), ("node", node_var), ("trace_id", trace_var), ("msg_id", msg_var))
+_CONTEXT = (
+    ("tenant", tenant_var),
+    ("node", node_var),
+    ("trace_id", trace_var),
+    ("msg_id", msg_var),
+)
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 

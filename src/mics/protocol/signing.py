@@ -26,7 +26,7 @@ class SignedRequest(Protocol):
     @property
     def meta(self) -> hook_pb.HookMeta: ...
 
-    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...  # noqa: N802
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
 def _mac(secret: str, data: bytes) -> str:

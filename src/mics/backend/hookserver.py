@@ -1,0 +1,334 @@
+"""The hook endpoints the gateway calls (protocol.md sections 4 and 5).
+
+Every hook is ``POST``, body = one serialized ``mics.hook.v1`` request, answer = the
+matching response message, ``Content-Type: application/protobuf``. Each request goes
+through the same admission steps before its handler runs (:meth:`HookServer._admit`):
+
+1. parse the body                         -> 400, reason "malformed request"
+2. find the tenant of ``meta.tenant_id``  -> 400, reason "unknown tenant"
+3. verify ``meta.sign`` with its secret   -> 401, reason "invalid sign"
+   (a wrong signature is always rejected, a missing one when ``sign_required``)
+4. replay guard (protocol.md 9.9)         -> 401, reason "stale request" / "replayed request"
+
+A handler then answers with HTTP 200, also when its answer is "no" (``ok=false``,
+``allow=false``): that is a business decision, not a hook failure, and the gateway's
+breaker must not count it (section 4.2). Responses echo the request's meta, unsigned
+(the gateway does not verify response signatures).
+
+To add a hook (e.g. ``/get-offline-messages``): write a handler that takes the admitted
+:class:`HookCall` and the parsed request, fills the response and returns a result label,
+and register it in :meth:`HookServer.routes` with :meth:`HookServer._serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+from google.protobuf.message import DecodeError
+
+from mics.backend.config import TenantConfig
+from mics.backend.directory import Directory
+from mics.backend.state import (
+    RESULT_BAD_REQUEST,
+    RESULT_BAD_SIGN,
+    RESULT_DENIED,
+    RESULT_ERROR,
+    RESULT_OK,
+    RESULT_REPLAYED,
+    RESULT_STALE,
+    RESULT_UNKNOWN_TENANT,
+    BackendState,
+)
+from mics.observability.logging import log_context
+from mics.protocol.pb import mics_hook_pb2 as hook_pb
+from mics.protocol.pb import mics_message_pb2 as msg_pb
+from mics.protocol.signing import verify_hook_request
+
+log = logging.getLogger("mics.backend")
+
+PROTOBUF = "application/protobuf"
+
+# Hook names as in the `op` metric label (protocol.md section 10).
+OP_AUTH = "Auth"
+OP_CHECK_MESSAGE = "CheckMessage"
+OP_GET_GROUP_MEMBERS = "GetGroupMembers"
+
+# Reasons put in AuthResponse.reason / CheckMessageResponse.reason.
+REASON_MALFORMED = "malformed request"
+REASON_UNKNOWN_TENANT = "unknown tenant"
+REASON_INVALID_SIGN = "invalid sign"
+REASON_INVALID_TOKEN = "invalid token"
+REASON_USER_BLOCKED = "user blocked"
+REASON_SENDER_UNKNOWN = "sender unknown"
+REASON_SENDER_BLOCKED = "sender blocked"
+REASON_TENANT_MISMATCH = "tenant mismatch"
+REASON_RECIPIENT_UNKNOWN = "recipient unknown"
+REASON_GROUP_UNKNOWN = "group unknown"
+REASON_NOT_GROUP_MEMBER = "not a group member"
+REASON_BLOCKED_WORD = "blocked word"
+REASON_UNSUPPORTED_TYPE = "unsupported message type"
+
+# Map replay-guard reasons to metric results.
+_REPLAY_RESULTS = {"stale request": RESULT_STALE, "replayed request": RESULT_REPLAYED}
+
+
+class HookMessage(Protocol):
+    """A hook request or response: a protobuf message with a ``meta`` field."""
+
+    meta: hook_pb.HookMeta
+
+    def ParseFromString(self, serialized: bytes, /) -> int: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HookCall:
+    """A request that passed admission: its tenant is known and it is authentic."""
+
+    tenant_id: str
+    tenant: TenantConfig
+    meta: hook_pb.HookMeta
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why admission refused a request, and how to answer."""
+
+    status: int  # HTTP status
+    result: str  # metric result label
+    reason: str  # response reason text
+    tenant_id: str = ""  # metric tenant label; "" while the tenant is unknown
+
+
+# -- policy (pure functions: a tenant copying this backend replaces these) -------------
+
+
+def runtime_config(tenant: TenantConfig, hook_base_url: str) -> hook_pb.TenantRuntimeConfig:
+    """The TenantRuntimeConfig returned by a successful /auth (protocol.md section 3.2)."""
+    config = hook_pb.TenantRuntimeConfig(
+        hook_base_url=hook_base_url,
+        heartbeat_timeout_seconds=tenant.heartbeat_timeout_seconds,
+        offline_buffer_ttl_seconds=tenant.offline_buffer_ttl_seconds,
+        tenant_max_connections=tenant.tenant_max_connections,
+        user_max_connections=tenant.user_max_connections,
+        tenant_max_message_qps=tenant.tenant_max_message_qps,
+        tenant_secret=tenant.secret,
+        offline_mode=tenant.offline_mode,
+    )
+    # Optional fields are set only when configured, so that the gateway's own settings
+    # apply otherwise (presence matters for proto3 `optional`).
+    if tenant.hook_max_concurrency is not None:
+        config.hook_max_concurrency = tenant.hook_max_concurrency
+    if tenant.hook_queue_timeout_ms is not None:
+        config.hook_queue_timeout_ms = tenant.hook_queue_timeout_ms
+    if tenant.hook_breaker_failure_threshold is not None:
+        config.hook_breaker_failure_threshold = tenant.hook_breaker_failure_threshold
+    if tenant.hook_breaker_open_ms is not None:
+        config.hook_breaker_open_ms = tenant.hook_breaker_open_ms
+    if tenant.sign_required:
+        # This backend rejects unsigned hooks; tell the gateway not to send any.
+        config.hook_sign_required = True
+    if tenant.check_message_fail_closed is not None:
+        config.check_message_fail_closed = tenant.check_message_fail_closed
+    # offline_use_hook_pull stays unset: this backend does not serve
+    # /get-offline-messages yet, and offline_mode overrides it for v1.1 gateways.
+    return config
+
+
+def check_message(
+    directory: Directory, tenant_id: str, tenant: TenantConfig, message: msg_pb.MessageRequest
+) -> str | None:
+    """None to allow ``message``, else the deny reason (CheckMessageResponse.reason)."""
+    if message.tenant_id and message.tenant_id != tenant_id:
+        return REASON_TENANT_MISMATCH
+    sender = message.user_id
+    if not directory.has_user(tenant_id, sender):
+        return REASON_SENDER_UNKNOWN
+    if directory.is_blocked(tenant_id, sender):
+        return REASON_SENDER_BLOCKED
+    if message.msg_type == msg_pb.SINGLE_CHAT:
+        if not directory.has_user(tenant_id, message.to_user_id):
+            return REASON_RECIPIENT_UNKNOWN
+    elif message.msg_type == msg_pb.GROUP_CHAT:
+        members = directory.group_members(tenant_id, message.group_id)
+        if members is None:
+            return REASON_GROUP_UNKNOWN
+        if sender not in members:
+            return REASON_NOT_GROUP_MEMBER
+    else:  # proto3 enums are open: a newer client may send a type we do not know
+        return REASON_UNSUPPORTED_TYPE
+    if tenant.blocked_words:
+        body = message.msg_body.decode("utf-8", errors="ignore").casefold()
+        if any(word.casefold() in body for word in tenant.blocked_words):
+            return REASON_BLOCKED_WORD
+    return None
+
+
+# -- HTTP layer ----------------------------------------------------------------------
+
+
+class HookServer:
+    """aiohttp handlers of the hook endpoints of one backend."""
+
+    def __init__(self, state: BackendState) -> None:
+        self._state = state
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/auth", self.auth),
+            web.post("/check-message", self.check_message),
+            web.post("/get-group-members", self.get_group_members),
+        ]
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def auth(self, request: web.Request) -> web.Response:
+        req = hook_pb.AuthRequest()
+        resp = hook_pb.AuthResponse()
+
+        def reject(reason: str) -> None:
+            resp.ok = False
+            resp.reason = reason
+
+        def handle(call: HookCall) -> str:
+            owner = self._state.directory.lookup_token(req.token)
+            # A token of another tenant is as invalid as an unknown one, and says so
+            # in the same words: do not reveal that it exists elsewhere.
+            if owner is None or owner.tenant_id != call.tenant_id:
+                reject(REASON_INVALID_TOKEN)
+                return RESULT_DENIED
+            if self._state.directory.is_blocked(call.tenant_id, owner.user_id):
+                reject(REASON_USER_BLOCKED)
+                return RESULT_DENIED
+            resp.ok = True
+            resp.user_id = owner.user_id
+            resp.config.CopyFrom(runtime_config(call.tenant, self._state.public_url))
+            log.debug("auth ok", extra={"user_id": owner.user_id, "device_id": req.device_id})
+            return RESULT_OK
+
+        return await self._serve(request, OP_AUTH, req, resp, reject, handle)
+
+    async def check_message(self, request: web.Request) -> web.Response:
+        req = hook_pb.CheckMessageRequest()
+        resp = hook_pb.CheckMessageResponse()
+
+        def reject(reason: str) -> None:
+            resp.allow = False
+            resp.reason = reason
+
+        def handle(call: HookCall) -> str:
+            reason = check_message(self._state.directory, call.tenant_id, call.tenant, req.message)
+            if reason is not None:
+                reject(reason)
+                log.debug("message denied", extra={"reason": reason})
+                return RESULT_DENIED
+            resp.allow = True
+            return RESULT_OK
+
+        return await self._serve(request, OP_CHECK_MESSAGE, req, resp, reject, handle)
+
+    async def get_group_members(self, request: web.Request) -> web.Response:
+        req = hook_pb.GetGroupMembersRequest()
+        resp = hook_pb.GetGroupMembersResponse()
+
+        def reject(reason: str) -> None:
+            pass  # GetGroupMembersResponse has no reason field: the status says it all
+
+        def handle(call: HookCall) -> str:
+            # An unknown group has no members: an empty list, not an error.
+            members = self._state.directory.group_members(call.tenant_id, req.group_id)
+            resp.user_ids.extend(members or ())
+            return RESULT_OK
+
+        return await self._serve(request, OP_GET_GROUP_MEMBERS, req, resp, reject, handle)
+
+    # -- shared pipeline -------------------------------------------------------------
+
+    async def _serve(
+        self,
+        request: web.Request,
+        op: str,
+        req: HookMessage,
+        resp: HookMessage,
+        reject: Callable[[str], None],
+        handle: Callable[[HookCall], str],
+    ) -> web.Response:
+        """Admit ``req``, run ``handle`` on success, record metrics, answer ``resp``.
+
+        ``reject`` writes a failure reason into ``resp`` (it is a no-op for responses
+        without a reason field); ``handle`` fills ``resp`` and returns the result label.
+        """
+        started = time.perf_counter()
+        tenant_label = ""
+        result = RESULT_ERROR
+        try:
+            admitted = await self._admit(request, req)
+            if isinstance(admitted, Rejection):
+                tenant_label, result = admitted.tenant_id, admitted.result
+                if admitted.result != RESULT_BAD_REQUEST:
+                    _echo_meta(resp, req.meta)
+                reject(admitted.reason)
+                with log_context(tenant=admitted.tenant_id, trace=req.meta.trace_id):
+                    log.info(
+                        "hook request rejected",
+                        extra={"op": op, "result": result, "reason": admitted.reason},
+                    )
+                status = admitted.status
+            else:
+                tenant_label = admitted.tenant_id
+                _echo_meta(resp, req.meta)
+                with log_context(tenant=admitted.tenant_id, trace=admitted.meta.trace_id):
+                    result = handle(admitted)
+                status = 200
+            return web.Response(body=resp.SerializeToString(), status=status, content_type=PROTOBUF)
+        except web.HTTPRequestEntityTooLarge:
+            result = RESULT_BAD_REQUEST
+            raise
+        except Exception:
+            log.exception("hook handler failed", extra={"op": op})
+            raise
+        finally:
+            metrics = self._state.metrics
+            metrics.hook_requests.labels(tenant_label, op, result).inc()
+            metrics.hook_duration_ms.labels(op).observe((time.perf_counter() - started) * 1000)
+
+    async def _admit(self, request: web.Request, req: HookMessage) -> HookCall | Rejection:
+        """Steps 1-4 of the module docstring; parses the body into ``req``."""
+        body = await request.read()
+        try:
+            req.ParseFromString(body)
+        except (DecodeError, RuntimeError, ValueError):
+            return Rejection(400, RESULT_BAD_REQUEST, REASON_MALFORMED)
+
+        meta = req.meta
+        tenant_id = meta.tenant_id
+        tenant = self._state.config.tenants.get(tenant_id)
+        if tenant is None:
+            return Rejection(400, RESULT_UNKNOWN_TENANT, REASON_UNKNOWN_TENANT)
+
+        # A present signature must be right even when signing is optional; verification
+        # rejects non-canonical Base64 (protocol.md section 5.1).
+        signed = bool(meta.sign)
+        if (signed or tenant.sign_required) and not verify_hook_request(req, tenant.secret):
+            return Rejection(401, RESULT_BAD_SIGN, REASON_INVALID_SIGN, tenant_id)
+
+        # Only authentic requests reach the guard, so forgeries cannot burn request ids.
+        replay = self._state.replay.check(tenant_id, meta.request_id, meta.timestamp_ms)
+        if replay is not None:
+            return Rejection(401, _REPLAY_RESULTS[replay], replay, tenant_id)
+
+        return HookCall(tenant_id=tenant_id, tenant=tenant, meta=meta)
+
+
+def _echo_meta(resp: HookMessage, meta: hook_pb.HookMeta) -> None:
+    """Copy the request's ids into the response meta; responses are not signed."""
+    resp.meta.tenant_id = meta.tenant_id
+    resp.meta.request_id = meta.request_id
+    resp.meta.timestamp_ms = meta.timestamp_ms
+    resp.meta.trace_id = meta.trace_id

@@ -1,0 +1,164 @@
+"""The `mics` command: dev, gateway, backend, chat."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mics.observability.logging import setup_logging
+from mics.runtime import run, wait_for_stop_signal
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MICS messaging gateway")
+
+
+@app.command()
+def dev(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
+    backend_port: Annotated[int, typer.Option(help="Reference backend port")] = 8090,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "WARNING",
+) -> None:
+    """Run the whole system on this machine with embedded defaults."""
+    from mics.dev import DevOptions, DevStack
+
+    setup_logging(log_level)
+
+    async def main() -> None:
+        stack = DevStack(DevOptions(host=host, gateway_port=port, backend_port=backend_port))
+        await stack.start()
+        print(stack.banner(), flush=True)
+        try:
+            await wait_for_stop_signal()
+        finally:
+            print("stopping...", flush=True)
+            await stack.stop()
+
+    run(main)
+
+
+@app.command()
+def gateway(
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file; environment variables apply too")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (overrides PORT)")] = None,
+) -> None:
+    """Run one gateway node (configured by environment variables or --config)."""
+    from pydantic import ValidationError
+
+    from mics.gateway.app import GatewayServer
+    from mics.gateway.config import load_settings
+
+    try:
+        settings = load_settings(config, port=port)
+    except (ValidationError, OSError, ValueError) as exc:
+        typer.echo(f"invalid gateway configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging(settings.log_level)
+
+    async def main() -> None:
+        server = GatewayServer(settings)
+        await server.start()
+        try:
+            await wait_for_stop_signal()
+        finally:
+            await server.stop()
+
+    run(main)
+
+
+@app.command()
+def backend(
+    config: Annotated[Path | None, typer.Option(help="TOML or JSON config file")] = None,
+    demo: Annotated[bool, typer.Option(help="Serve the demo tenant")] = False,
+    port: Annotated[int | None, typer.Option(help="Listen port")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "INFO",
+) -> None:
+    """Run the reference tenant backend (hook server)."""
+    from mics.backend.app import BackendServer
+    from mics.backend.config import ConfigError, load_config
+    from mics.backend.demo import demo_config
+
+    setup_logging(log_level)
+    if config is None and not demo:
+        typer.echo("give --config FILE or --demo", err=True)
+        raise typer.Exit(2)
+    try:
+        cfg = load_config(config) if config is not None else demo_config(port=8090)
+    except (ConfigError, OSError) as exc:
+        typer.echo(f"invalid backend configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if port is not None:
+        cfg = cfg.model_copy(update={"port": port})
+
+    async def main() -> None:
+        server = BackendServer(cfg)
+        await server.start()
+        try:
+            await wait_for_stop_signal()
+        finally:
+            await server.stop()
+
+    run(main)
+
+
+@app.command()
+def chat(
+    as_user: Annotated[str, typer.Option("--as", help="Demo user to sign in as")],
+    to: Annotated[str | None, typer.Option(help="Recipient user (omit to only listen)")] = None,
+    group: Annotated[str | None, typer.Option(help="Group to send to")] = None,
+    url: Annotated[str, typer.Option(help="Gateway WebSocket URL")] = "ws://127.0.0.1:8080/ws",
+    tenant: Annotated[str, typer.Option(help="Tenant id")] = "demo",
+    token: Annotated[str | None, typer.Option(help="Token (default: <user>-token)")] = None,
+    device: Annotated[str, typer.Option(help="Device id")] = "cli",
+) -> None:
+    """A tiny terminal chat client on the Python SDK: type lines, see deliveries."""
+    from mics.client import ClientOptions, MicsClient
+
+    async def main() -> None:
+        client = MicsClient(
+            ClientOptions(
+                url=url, tenant_id=tenant, token=token or f"{as_user}-token", device_id=device
+            )
+        )
+        ack = await client.connect()
+        print(f"connected as {ack.user_id} on {ack.node_id}", flush=True)
+
+        async def show() -> None:
+            async for message in client.deliveries():
+                sender = message.user_id
+                print(f"<{sender}> {message.msg_body.decode('utf-8', 'replace')}", flush=True)
+
+        printer = asyncio.create_task(show())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                body = line.rstrip("\n").encode("utf-8")
+                if group:
+                    result = await client.send_group(group, body)
+                elif to:
+                    result = await client.send_single(to, body)
+                else:
+                    continue
+                status = "sent" if result.status == 0 else "failed"
+                print(f"  [{status}{': ' + result.reason if result.reason else ''}]", flush=True)
+        finally:
+            printer.cancel()
+            await client.close()
+
+    run(main)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Cluster seams: the online route table and (later) node-to-node forwarding."""

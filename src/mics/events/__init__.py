@@ -1,0 +1,1 @@
+"""Event path (MQ hook): the gateway's asynchronous events to the tenant backend."""

@@ -1,0 +1,1 @@
+"""The MICS gateway: WebSocket sessions, message pipeline, delivery, offline strategies."""

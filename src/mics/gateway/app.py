@@ -1,0 +1,110 @@
+"""The gateway's HTTP surface and server lifecycle.
+
+One port serves the WebSocket endpoint and the operational endpoints:
+`GET /` (text), `/healthz`, `/readyz` (503 once draining), `/metrics` (Prometheus) and
+`/ws` (protocol.md 1 and 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from aiohttp import web
+
+from mics.cluster.routes import MemoryRouteTable, RouteTable
+from mics.events.bus import EventBus, NullEventBus
+from mics.gateway.config import GatewaySettings
+from mics.gateway.core import Gateway
+from mics.observability.metrics import CONTENT_TYPE
+
+log = logging.getLogger("mics.gateway")
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def create_gateway_app(gateway: Gateway) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 16_384})
+    app[GATEWAY_KEY] = gateway
+
+    async def index(_: web.Request) -> web.Response:
+        return web.Response(text="MICS Gateway")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if gateway.ready:
+            return web.Response(text="ok")
+        return web.Response(status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = gateway.metrics_registry.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ws", gateway.handle_ws)
+    return app
+
+
+class GatewayServer:
+    """A gateway listening on a port (0 picks a free one); start/stop for embedding."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        routes: RouteTable | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gateway = Gateway(
+            settings,
+            routes=routes or MemoryRouteTable(),
+            events=events or NullEventBus(),
+        )
+        self._runner: web.AppRunner | None = None
+        self._port = settings.port
+
+    async def start(self) -> None:
+        await self.gateway.start()
+        app = create_gateway_app(self.gateway)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, backlog=4096)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._port = sock.getsockname()[1]
+                break
+        log.info(
+            "gateway listening",
+            extra={"port": self._port, "node_id": self.gateway.node_id},
+        )
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self._port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1) + "/ws"
+
+    async def stop(self) -> None:
+        """Graceful: readiness off, sessions closed with 4200, events flushed."""
+        await self.gateway.shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,141 @@
+"""Gateway configuration: environment variables (protocol.md section 11) or a TOML file.
+
+Names follow the MICS v1 environment variables (case-insensitive), so an existing
+deployment's environment works unchanged. Values are clamped to the spec's ranges in
+validators rather than at every use.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    node_id: str = Field(default_factory=socket.gethostname)
+    public_endpoint: str = ""
+
+    tenant_auth_map: dict[str, str] = Field(default_factory=dict)
+    tenant_hook_secrets: dict[str, str] = Field(default_factory=dict)
+
+    hook_sign_required: bool = False
+    hook_max_concurrency: int = 32
+    hook_queue_timeout_ms: int = 10
+    tenant_hook_max_concurrency: dict[str, int] = Field(default_factory=dict)
+    hook_breaker_failure_threshold: int = 5
+    hook_breaker_open_ms: int = 5000
+    # MICS v1 fixes the hook timeout at 150 ms; this project lets operators tune it.
+    hook_timeout_ms: int = 150
+
+    ws_keepalive_interval_seconds: int = 30
+    max_message_bytes: int = 1_048_576
+    # Per-connection messages processed concurrently (section 9.9 "Order from one sender").
+    max_inflight_per_connection: int = 32
+    # Frames queued to one socket beyond this many bytes mark the client as too slow.
+    max_send_buffer_bytes: int = 8 * 1_048_576
+
+    offline_buffer_max_messages_per_user: int = 128
+    offline_buffer_max_bytes_per_user: int = 1_048_576
+    offline_buffer_max_users_per_tenant: int = 50_000
+
+    group_route_chunk_size: int = 256
+    group_offline_buffer_max_users: int = 1024
+    group_members_max_users: int = 200_000
+
+    dedup_ttl_seconds: int = 600
+    dedup_max_entries: int = 1_000_000
+
+    heartbeat_sweep_interval_seconds: float = 5.0
+    drain_timeout_seconds: int = 10
+    log_level: str = "INFO"
+
+    @field_validator("hook_queue_timeout_ms")
+    @classmethod
+    def _queue_timeout(cls, v: int) -> int:
+        return _clamp(v, 0, 10_000)
+
+    @field_validator("hook_breaker_failure_threshold")
+    @classmethod
+    def _threshold(cls, v: int) -> int:
+        return _clamp(v, 1, 100)
+
+    @field_validator("hook_breaker_open_ms")
+    @classmethod
+    def _open_ms(cls, v: int) -> int:
+        return _clamp(v, 0, 60_000)
+
+    @field_validator("hook_max_concurrency")
+    @classmethod
+    def _concurrency(cls, v: int) -> int:
+        return 32 if v <= 0 else v
+
+    @field_validator("ws_keepalive_interval_seconds")
+    @classmethod
+    def _keepalive(cls, v: int) -> int:
+        return _clamp(v, 0, 600)
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _max_message(cls, v: int) -> int:
+        return _clamp(v, 0, 64 * 1_048_576)
+
+    @field_validator("group_route_chunk_size")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        return _clamp(v, 1, 4096)
+
+    @field_validator("group_members_max_users")
+    @classmethod
+    def _members_max(cls, v: int) -> int:
+        return _clamp(v, 1, 5_000_000)
+
+    @field_validator("drain_timeout_seconds")
+    @classmethod
+    def _drain(cls, v: int) -> int:
+        return _clamp(v, 0, 600)
+
+    @field_validator("max_inflight_per_connection")
+    @classmethod
+    def _inflight(cls, v: int) -> int:
+        return _clamp(v, 1, 10_000)
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> GatewaySettings:
+        for tenant, url in self.tenant_auth_map.items():
+            if not tenant or "|" in tenant:
+                raise ValueError(f"tenant id {tenant!r} must be non-empty and must not contain '|'")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"auth base URL of tenant {tenant!r} must be http(s): {url!r}")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return self.public_endpoint or f"http://localhost:{self.port}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:
+    """Settings from the environment, then a TOML file, then explicit overrides.
+
+    Later sources win: a file checked into a deployment repo overrides the
+    environment's defaults, and command-line flags override both.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        with config_file.open("rb") as fh:
+            data = tomllib.load(fh)
+        values.update({k.lower(): v for k, v in data.get("gateway", data).items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GatewaySettings(**values)

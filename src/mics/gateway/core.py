@@ -1,0 +1,423 @@
+"""The gateway core: connection sequence, reader loop, heartbeat sweeper, shutdown.
+
+`Gateway` wires the parts together explicitly (no globals) so tests and `mics dev` can
+run several gateways in one process. The HTTP layer (`app.py`) hands it upgraded
+WebSocket connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+
+from mics.cluster.routes import AdmissionLimits, AdmissionResult, Route, RouteTable
+from mics.events.bus import EventBus
+from mics.gateway.config import GatewaySettings
+from mics.gateway.dedup import DedupCache
+from mics.gateway.metrics import GatewayMetrics
+from mics.gateway.offline import LegacyBuffer, OfflineDelivery
+from mics.gateway.pipeline import MessagePipeline, PipelineLimits
+from mics.gateway.ratelimit import TenantQpsLimiter
+from mics.gateway.registry import SessionRegistry
+from mics.gateway.session import Session
+from mics.gateway.tenants import TenantDirectory, TenantRuntime
+from mics.hooks.client import HookClient, HookOp, HookResult
+from mics.hooks.policy import HookDefaults
+from mics.observability.logging import log_context, now_ms
+from mics.observability.metrics import MetricsRegistry
+from mics.protocol import codec
+from mics.protocol.ids import new_trace_id
+from mics.protocol.pb import mics_hook_pb2 as hook_pb
+from mics.protocol.pb import mics_message_pb2 as msg_pb
+from mics.protocol.signing import sign_event
+
+log = logging.getLogger("mics.gateway")
+
+# /auth failures and the 4001 close reasons they produce (protocol.md 2.2 step 5).
+_AUTH_FAILURE_REASON = {
+    HookResult.SIGN_REQUIRED: "auth hook sign required",
+    HookResult.CIRCUIT_OPEN: "auth hook circuit open",
+    HookResult.QUEUE_REJECTED: "hook queue rejected",
+    HookResult.CANCELED: "canceled",
+}
+
+# The confirmation wait of the notify_pull offline path (issue: durable ack).
+DEFAULT_NOTIFY_WAIT_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    user_id: str
+    runtime: TenantRuntime
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        routes: RouteTable,
+        events: EventBus,
+        metrics: MetricsRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.metrics_registry = metrics or MetricsRegistry()
+        self.metrics = GatewayMetrics(self.metrics_registry)
+        self.routes = routes
+        self.events = events
+        hook_defaults = HookDefaults(
+            max_concurrency=settings.hook_max_concurrency,
+            queue_timeout_ms=settings.hook_queue_timeout_ms,
+            breaker_failure_threshold=settings.hook_breaker_failure_threshold,
+            breaker_open_ms=settings.hook_breaker_open_ms,
+            sign_required=settings.hook_sign_required,
+            timeout_ms=settings.hook_timeout_ms,
+            tenant_max_concurrency=dict(settings.tenant_hook_max_concurrency),
+        )
+        self.tenants = TenantDirectory(
+            settings.tenant_auth_map, settings.tenant_hook_secrets, hook_defaults
+        )
+        self.hooks = HookClient(self.metrics_registry, hook_defaults)
+        self.registry = SessionRegistry()
+        self.buffer = LegacyBuffer(
+            max_messages_per_user=settings.offline_buffer_max_messages_per_user,
+            max_bytes_per_user=settings.offline_buffer_max_bytes_per_user,
+            max_users_per_tenant=settings.offline_buffer_max_users_per_tenant,
+            metrics=self.metrics,
+        )
+        self.offline = OfflineDelivery(
+            buffer=self.buffer,
+            events=events,
+            notify_wait_s=DEFAULT_NOTIFY_WAIT_S,
+            metrics=self.metrics,
+        )
+        self.pipeline = MessagePipeline(
+            node_id=self.node_id,
+            limits=PipelineLimits(
+                max_message_bytes=settings.max_message_bytes,
+                max_inflight=settings.max_inflight_per_connection,
+                group_members_max=settings.group_members_max_users,
+                group_offline_buffer_max=settings.group_offline_buffer_max_users,
+            ),
+            registry=self.registry,
+            hooks=self.hooks,
+            events=events,
+            offline=self.offline,
+            dedup=DedupCache(settings.dedup_ttl_seconds, settings.dedup_max_entries),
+            qps=TenantQpsLimiter(),
+            metrics=self.metrics,
+        )
+        self.frame_limit = codec.frame_limit(settings.max_message_bytes)
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[object]] = set()
+        self._close_tasks: set[asyncio.Task[object]] = set()
+        self._ws: dict[str, web.WebSocketResponse] = {}
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.hooks.start()
+        await self.events.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self.metrics.ws_connections.labels(self.node_id).set(0)
+        self._started = True
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self.draining
+
+    async def shutdown(self) -> None:
+        """Readiness off, close every session with 4200, flush events; bounded in time."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.drain_timeout_seconds or None
+        started = time.monotonic()
+        sessions = list(self.registry)
+        for session in sessions:
+            await self._unregister(session)
+            session.close(codec.CLOSE_DRAINING, "server draining")
+            self.metrics.shutdown_drain.labels(self.node_id).inc()
+        pending = [t for t in self._connections if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        remaining = None if timeout is None else max(0.1, timeout - (time.monotonic() - started))
+        await self.events.stop(remaining if remaining is not None else 30.0)
+        await self.hooks.close()
+        log.info("gateway drained", extra={"sessions": len(sessions)})
+
+    # -- connection sequence (protocol.md 2.2) -----------------------------------------------
+
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return web.Response(status=503)
+        ws = web.WebSocketResponse(
+            autoping=True,
+            heartbeat=self.settings.ws_keepalive_interval_seconds or None,
+            # Frames between the protocol limit and twice it get error 4401 and the
+            # connection stays open; beyond that the transport refuses to buffer them.
+            max_msg_size=2 * self.frame_limit,
+            compress=False,
+            timeout=2.0,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="WebSocket upgrade required")
+        await ws.prepare(request)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await self._serve(request, ws)
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+        return ws
+
+    async def _serve(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        query = request.query
+        tenant_id = query.get("tenantId", "")
+        token = query.get("token", "")
+        device_id = query.get("deviceId", "")
+        v11 = query.get("protocolVersion", "") == "1.1"
+        trace_id = new_trace_id()
+        with log_context(tenant=tenant_id, trace=trace_id, node=self.node_id):
+            if not self.tenants.known(tenant_id):
+                await self._refuse(ws, tenant_id, codec.CLOSE_INVALID_TENANT, "invalid tenant")
+                return
+            auth = await self._authenticate(tenant_id, token, device_id, trace_id)
+            if isinstance(auth, str):
+                await self._refuse(ws, tenant_id, codec.CLOSE_AUTH_FAILED, auth)
+                return
+            if self.draining:
+                await self._refuse(ws, tenant_id, codec.CLOSE_DRAINING, "server draining")
+                return
+            transport = request.transport
+            if transport is None:
+                return
+            session = Session(
+                tenant_id=tenant_id,
+                user_id=auth.user_id,
+                device_id=device_id,
+                conn_id=new_trace_id(),
+                trace_id=trace_id,
+                runtime=auth.runtime,
+                v11=v11,
+                transport=transport,
+                loop=asyncio.get_running_loop(),
+                send_limit=self.settings.max_send_buffer_bytes,
+                close_cb=self._close_session,
+            )
+            await self._run_session(ws, session)
+
+    async def _run_session(self, ws: web.WebSocketResponse, session: Session) -> None:
+        self._ws[session.conn_id] = ws
+        registered = routed = connected = False
+        try:
+            previous = self.registry.add(session)
+            registered = True
+            if previous is not None:
+                # Same device again: the new connection wins (section 9.9 takeover).
+                self.metrics.ws_takeovers.labels(session.tenant_id).inc()
+                previous.close(codec.CLOSE_REPLACED, "replaced")
+            admission = await self.routes.admit(self._route(session), self._limits(session))
+            if admission.result is AdmissionResult.DENIED:
+                self.metrics.rate_limited.labels(session.tenant_id, "connection_limit").inc()
+                self.registry.remove(session)
+                registered = False
+                await self._refuse(ws, session.tenant_id, codec.CLOSE_RATE_LIMITED, "rate limited")
+                return
+            routed = True
+            session.send(self._connect_ack(session))
+            connected = True
+            self._count_connect(session, +1)
+            self._emit_connect(session, hook_pb.CONNECT_ONLINE)
+            self._drain_offline(session)
+            await self._read_loop(ws, session)
+        finally:
+            if registered:
+                self.registry.remove(session)
+            if routed:
+                await self.routes.remove(self._route(session))
+            if connected:
+                self._count_connect(session, -1)
+                self._emit_connect(session, hook_pb.CONNECT_OFFLINE)
+            session.flush_now()
+            session.closed = True
+            self._ws.pop(session.conn_id, None)
+            if not ws.closed:
+                await ws.close()
+
+    async def _refuse(
+        self, ws: web.WebSocketResponse, tenant_id: str, code: int, reason: str
+    ) -> None:
+        self.metrics.ws_connect_rejected.labels(tenant_id or "-", str(code)).inc()
+        log.info("connection refused", extra={"code": code, "reason": reason})
+        await ws.close(code=code, message=codec.truncate_close_reason(reason).encode("utf-8"))
+
+    async def _authenticate(
+        self, tenant_id: str, token: str, device_id: str, trace_id: str
+    ) -> AuthOk | str:
+        outcome = await self.hooks.call(
+            tenant_id=tenant_id,
+            op=HookOp.AUTH,
+            base_url=self.tenants.auth_base_url(tenant_id),
+            request=hook_pb.AuthRequest(token=token, device_id=device_id),
+            response_type=hook_pb.AuthResponse,
+            secret=self.tenants.hook_secret(tenant_id),
+            policy=self.tenants.auth_policy(tenant_id),
+            trace_id=trace_id,
+        )
+        response = outcome.response
+        if not outcome.ok or response is None:
+            return _AUTH_FAILURE_REASON.get(outcome.result, "hook timeout/failure")
+        user_id = response.user_id.strip()
+        if not response.ok or not response.HasField("config") or not user_id:
+            return response.reason or "unauthorized"
+        if "|" in user_id:
+            return "invalid user id"
+        return AuthOk(user_id, self.tenants.runtime_from_auth(tenant_id, response.config))
+
+    def _route(self, session: Session) -> Route:
+        return Route(
+            session.tenant_id, session.user_id, session.device_id, self.node_id, session.conn_id
+        )
+
+    @staticmethod
+    def _limits(session: Session) -> AdmissionLimits:
+        return AdmissionLimits(
+            session.runtime.tenant_max_connections, session.runtime.user_max_connections
+        )
+
+    def _connect_ack(self, session: Session) -> bytes:
+        ack = msg_pb.ConnectAck(
+            code=codec.CONNECT_OK,
+            tenant_id=session.tenant_id,
+            user_id=session.user_id,
+            device_id=session.device_id,
+            node_id=self.node_id,
+            trace_id=session.trace_id,
+            protocol_version="1.1" if session.v11 else "",
+        )
+        return msg_pb.ServerFrame(connect_ack=ack).SerializeToString()
+
+    def _drain_offline(self, session: Session) -> None:
+        """Push the buffered backlog, then (v1.1) OfflineSync, then held live deliveries."""
+        frames = self.buffer.take(session.tenant_id, session.user_id)
+        for frame in frames:
+            session.send(frame)
+        if frames:
+            self.metrics.offline_drained.labels(session.tenant_id, self.node_id).inc(len(frames))
+        if session.v11:
+            session.send(codec.offline_sync_frame(len(frames), True, ""))
+        session.release_held()
+
+    # -- reader -------------------------------------------------------------------------------
+
+    async def _read_loop(self, ws: web.WebSocketResponse, session: Session) -> None:
+        pipeline = self.pipeline
+        limit = self.frame_limit
+        async for msg in ws:
+            if msg.type is not WSMsgType.BINARY:
+                continue  # text frames are discarded and are not activity (section 2.4)
+            try:
+                frame = codec.decode_client_frame(msg.data, limit)
+            except codec.FrameError as err:
+                reason = "frame_too_large" if err.code == codec.ERROR_FRAME_TOO_LARGE else "invalid"
+                self.metrics.ws_frames_rejected.labels(session.tenant_id, reason).inc()
+                session.send(codec.error_frame(err.code, err.text))
+                continue
+            kind = frame.WhichOneof("payload")
+            if kind == "message":
+                await pipeline.on_message(session, frame.message)
+            elif kind == "heartbeat_ping":
+                session.touch()
+                session.send(codec.pong_frame(now_ms()))
+            elif kind == "delivery_ack":
+                session.touch()  # receipts are activity; offline commit uses them later
+            if session.closed:
+                break
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def _close_session(self, session: Session, code: int, reason: str) -> None:
+        ws = self._ws.get(session.conn_id)
+        if ws is None or ws.closed:
+            return
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+            ws.close(code=code, message=reason.encode("utf-8"))
+        )
+        self._close_tasks.add(task)
+        task.add_done_callback(self._close_tasks.discard)
+
+    async def _unregister(self, session: Session) -> None:
+        self.registry.remove(session)
+        await self.routes.remove(self._route(session))
+
+    # -- heartbeat sweeper ----------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval = self.settings.heartbeat_sweep_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweep failed")
+
+    def sweep(self) -> int:
+        """Close sessions idle past their tenant's heartbeat timeout; purge the buffer."""
+        now = time.monotonic()
+        closed = 0
+        for session in self.registry:
+            if now - session.last_seen > session.runtime.heartbeat_timeout_s:
+                self.metrics.ws_heartbeat_timeouts.labels(session.tenant_id).inc()
+                session.close(codec.CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                closed += 1
+        self.buffer.purge_expired()
+        return closed
+
+    # -- events and counters --------------------------------------------------------------
+
+    def _count_connect(self, session: Session, delta: int) -> None:
+        m = self.metrics
+        m.ws_connections.labels(self.node_id).set(len(self.registry))
+        direction = "inc" if delta > 0 else "dec"
+        m.ws_connection_events.labels(session.tenant_id, self.node_id, direction).inc()
+        if delta > 0:
+            m.ws_connected.labels(session.tenant_id, self.node_id).inc()
+        else:
+            m.ws_disconnected.labels(session.tenant_id, self.node_id).inc()
+
+    def _emit_connect(self, session: Session, event_type: hook_pb.EventType) -> None:
+        if not self.events.enabled:
+            return
+        ack = msg_pb.ConnectAck(
+            code=codec.CONNECT_OK,
+            tenant_id=session.tenant_id,
+            user_id=session.user_id,
+            device_id=session.device_id,
+            node_id=self.node_id,
+            trace_id=session.trace_id,
+        )
+        event = hook_pb.MqEvent(
+            tenant_id=session.tenant_id,
+            event_type=event_type,
+            user_id=session.user_id,
+            device_id=session.device_id,
+            event_data=ack.SerializeToString(),
+            timestamp=now_ms(),
+            node_id=self.node_id,
+            trace_id=session.trace_id,
+        )
+        sign_event(event, session.runtime.tenant_secret)
+        self.events.publish(event)

@@ -1,0 +1,1 @@
+"""HTTP hooks: client, per-tenant policy, limiter and breaker (protocol.md 4)."""
