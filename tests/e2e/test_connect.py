@@ -79,9 +79,8 @@ async def test_wrong_gateway_secret_is_rejected_by_backend(make_stack: StackFact
 
 
 async def test_plain_http_get_on_ws_is_400(stack: Stack) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(stack.gateway.url + "/ws") as resp:
-            assert resp.status == 400
+    async with aiohttp.ClientSession() as http, http.get(stack.gateway.url + "/ws") as resp:
+        assert resp.status == 400
 
 
 async def test_same_device_takeover_closes_old_with_4409(stack: Stack) -> None:
@@ -154,9 +153,9 @@ async def test_tenant_connection_limit_closes_4429(make_stack: StackFactory) -> 
     with pytest.raises(ConnectRejected) as info:
         await stack.client("u3").connect()
     assert info.value.code == codec.CLOSE_RATE_LIMITED
-    assert stack.metric(
-        "mics_rate_limited_total", {"tenant": TENANT, "kind": "connection_limit"}
-    ) == 1
+    assert (
+        stack.metric("mics_rate_limited_total", {"tenant": TENANT, "kind": "connection_limit"}) == 1
+    )
 
 
 async def test_graceful_shutdown_closes_4200_and_readyz_503(stack: Stack) -> None:

@@ -94,7 +94,9 @@ async def test_blank_msg_id_and_timestamp_are_filled(stack: Stack) -> None:
     ],
     ids=["missing-to", "missing-group", "bad-type"],
 )
-async def test_validation_failures(stack: Stack, message: msg_pb.MessageRequest, reason: str) -> None:
+async def test_validation_failures(
+    stack: Stack, message: msg_pb.MessageRequest, reason: str
+) -> None:
     client = await stack.connect("u1")
     message.msg_id = "v-1"
     ack = await client.send(message)
@@ -117,9 +119,12 @@ async def test_oversized_body_fails_and_oversized_frame_gets_4401(make_stack: St
     ok = await client.send_single("u2", b"small")
     assert ok.status == SENT
     assert (await bob.next_delivery(timeout=5)).msg_body == b"small"
-    assert stack.metric(
-        "mics_ws_frames_rejected_total", {"tenant": TENANT, "reason": "frame_too_large"}
-    ) == 1
+    assert (
+        stack.metric(
+            "mics_ws_frames_rejected_total", {"tenant": TENANT, "reason": "frame_too_large"}
+        )
+        == 1
+    )
 
 
 async def test_invalid_protobuf_gets_4400_and_connection_stays(stack: Stack) -> None:

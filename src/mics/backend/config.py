@@ -213,7 +213,7 @@ class BackendConfig(_Model):
     def resolved_public_url(self, bound_port: int) -> str:
         """The hook base URL given to the gateway, once the listen port is known."""
         if self.public_url is not None:
-            return self.public_url
+            return self.public_url.rstrip("/")  # also when built without validation
         return default_public_url(self.host, bound_port)
 
 
