@@ -15,6 +15,7 @@ import pytest
 from mics.backend.app import BackendServer
 from mics.backend.config import BackendConfig, TenantConfig, UserConfig
 from mics.client import ClientOptions, MicsClient
+from mics.cluster.routes import RouteTable
 from mics.gateway.app import GatewayServer
 from mics.gateway.config import GatewaySettings
 
@@ -92,6 +93,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
     async def factory(
         tenant: TenantConfig | None = None,
         extra_tenants: dict[str, TenantConfig] | None = None,
+        routes: RouteTable | None = None,
         **gateway_overrides: Any,
     ) -> Stack:
         tenants = {TENANT: tenant or tenant_config(), **(extra_tenants or {})}
@@ -109,7 +111,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             "heartbeat_sweep_interval_seconds": 0.1,
         }
         settings.update(gateway_overrides)
-        gateway = GatewayServer(GatewaySettings(**settings))
+        gateway = GatewayServer(GatewaySettings(**settings), routes=routes)
         await gateway.start()
         stack = Stack(backend, gateway)
         stacks.append(stack)

@@ -217,7 +217,16 @@ class Gateway:
                 send_limit=self.settings.max_send_buffer_bytes,
                 close_cb=self._close_session,
             )
-            await self._run_session(ws, session)
+            try:
+                await self._run_session(ws, session)
+                if not ws.closed:
+                    await ws.close()
+            except Exception:
+                # The session was cleaned up by _run_session; tell the client plainly.
+                log.exception("session failed")
+                self.metrics.internal_errors.labels(tenant_id, "session").inc()
+                if not ws.closed:
+                    await ws.close(code=1011, message=b"internal error")
 
     async def _run_session(self, ws: web.WebSocketResponse, session: Session) -> None:
         self._ws[session.conn_id] = ws
@@ -246,16 +255,14 @@ class Gateway:
         finally:
             if registered:
                 self.registry.remove(session)
-            if routed:
-                await self.routes.remove(self._route(session))
-            if connected:
-                self._count_connect(session, -1)
-                self._emit_connect(session, hook_pb.CONNECT_OFFLINE)
             session.flush_now()
             session.closed = True
             self._ws.pop(session.conn_id, None)
-            if not ws.closed:
-                await ws.close()
+            if connected:
+                self._count_connect(session, -1)
+                self._emit_connect(session, hook_pb.CONNECT_OFFLINE)
+            if routed:
+                await self._remove_route(session)
 
     async def _refuse(
         self, ws: web.WebSocketResponse, tenant_id: str, code: int, reason: str
@@ -361,7 +368,14 @@ class Gateway:
 
     async def _unregister(self, session: Session) -> None:
         self.registry.remove(session)
-        await self.routes.remove(self._route(session))
+        await self._remove_route(session)
+
+    async def _remove_route(self, session: Session) -> None:
+        try:
+            await self.routes.remove(self._route(session))
+        except Exception:
+            # The route expires with its lease; a failed removal must not break cleanup.
+            log.exception("route removal failed")
 
     # -- heartbeat sweeper ----------------------------------------------------------------
 

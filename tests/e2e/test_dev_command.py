@@ -1,0 +1,71 @@
+"""`mics dev` as a newcomer runs it: a real process, real ports, Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from mics.client import ClientOptions, MicsClient
+from mics.protocol.pb import mics_message_pb2 as msg_pb
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_mics_dev_runs_the_system_and_stops_on_ctrl_c() -> None:
+    port, backend_port = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mics",
+        "dev",
+        "--port",
+        str(port),
+        "--backend-port",
+        str(backend_port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        banner: list[str] = []
+        while not any("token=bob-token" in line for line in banner):
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, "mics dev exited before printing its banner"
+            banner.append(line.decode())
+        url = next(w for line in banner for w in line.split() if w.startswith("ws://"))
+        base = url.split("?")[0]
+        clients = []
+        for user in ("alice", "bob"):
+            client = MicsClient(
+                ClientOptions(
+                    url=base,
+                    tenant_id="demo",
+                    token=f"{user}-token",
+                    device_id="t",
+                    reconnect=False,
+                )
+            )
+            await client.connect()
+            clients.append(client)
+        alice, bob = clients
+        ack = await alice.send_single("bob", b"hello from the dev stack")
+        assert ack.status == msg_pb.SENT
+        got = await bob.next_delivery(timeout=10)
+        assert got.msg_body == b"hello from the dev stack"
+        for client in clients:
+            await client.close()
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), timeout=30)
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
