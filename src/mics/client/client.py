@@ -55,7 +55,12 @@ _WS: TypeAlias = "aiohttp.ClientWebSocketResponse[Literal[False]]"
 
 @dataclass
 class ClientOptions:
-    """Connection settings. Times are in seconds; 0 disables heartbeats / pong timeout."""
+    """Connection settings. Times are in seconds.
+
+    0 disables: heartbeats (heartbeat_interval_s), the ack timeout (ack_timeout_s), the
+    connect timeout (connect_timeout_s), the pong timeout (pong_timeout_s) and dedup
+    (dedup_capacity).
+    """
 
     url: str  # base WebSocket URL, e.g. ws://127.0.0.1:8080/ws
     tenant_id: str
@@ -371,7 +376,7 @@ class MicsClient:
         else:  # same msg_id outstanding twice: acks resolve in send order
             waiters.append(fut)
         timeout_s = self.options.ack_timeout_s
-        timer = loop.call_later(timeout_s, _expire, fut, msg_id, timeout_s)
+        timer = loop.call_later(timeout_s, _expire, fut, msg_id, timeout_s) if timeout_s else None
         try:
             try:
                 await conn.ws.send_bytes(data)
@@ -380,7 +385,8 @@ class MicsClient:
             self.stats.messages_sent += 1
             return await fut
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             _remove_waiter(conn.pending, msg_id, fut)
 
     def _require_open(self) -> _Connection:
@@ -422,7 +428,12 @@ class MicsClient:
 
     # ------------------------------------------------------------------ internals: connect
 
+    def _shared_session_closed(self) -> bool:
+        return not self._owns_session and self._session is not None and self._session.closed
+
     def _get_session(self) -> aiohttp.ClientSession:
+        if self._shared_session_closed():
+            raise ConnectError("the shared aiohttp session is closed")
         if self._session is None or (self._owns_session and self._session.closed):
             self._session = aiohttp.ClientSession()
             self._owns_session = True
@@ -538,7 +549,24 @@ class MicsClient:
     # ------------------------------------------------------------------ internals: run loop
 
     async def _run(self, conn: _Connection) -> None:
-        """Read the connection; on a drop, reconnect unless closed or terminal."""
+        """Own the connection(s) until closed for good; close() cancels this task."""
+        try:
+            await self._serve(conn)
+        except Exception:  # a bug or a closed shared session: end cleanly, never hang
+            log.exception("mics client connection loop failed")
+            current = self._conn
+            if current is not None:
+                self._detach(current, CLOSE_ABNORMAL, "client error")
+                await self._close_ws(current.ws, CLOSE_NORMAL)
+        if self._closing:
+            return
+        # Closed for good without close(): release resources ourselves.
+        self._run_task = None
+        self._finish()
+        await self._close_owned_session()
+
+    async def _serve(self, conn: _Connection) -> None:
+        """Read the connection; on a drop, reconnect unless closing or terminal."""
         while True:
             code, reason = await self._read_loop(conn)
             uptime = asyncio.get_running_loop().time() - conn.opened_at
@@ -549,23 +577,22 @@ class MicsClient:
                 return
             log.info("mics client connection ended: %s %s", code, reason)
             if not self.options.reconnect or code in TERMINAL_CLOSE_CODES:
-                break
+                return
             if uptime >= self.options.backoff_max_s:
                 self._backoff.reset()  # a long-lived connection restarts the backoff
             self._set_state("reconnecting")
             new_conn = await self._reconnect()
             if new_conn is None:
-                break
+                return
             conn = new_conn
             self._attach(conn)
-        # Closed for good without close(): release resources ourselves.
-        self._run_task = None
-        self._finish()
-        await self._close_owned_session()
 
     async def _reconnect(self) -> _Connection | None:
         while True:
             await asyncio.sleep(self._backoff.next())
+            if self._shared_session_closed():
+                log.info("mics client: shared session closed, not reconnecting")
+                return None
             self.stats.reconnect_attempts += 1
             try:
                 return await self._open()

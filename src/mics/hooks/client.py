@@ -208,6 +208,7 @@ class HookClient:
         self._defaults = defaults
         self._session: aiohttp.ClientSession | None = None
         self._states: dict[tuple[str, HookOp], _HookState] = {}
+        self._policies: dict[str, HookPolicy] = {}
         self._requests = metrics.counter(
             "mics_hook_requests",
             "Hook calls by result (protocol.md 4.2).",
@@ -251,8 +252,16 @@ class HookClient:
     def policy_for(
         self, tenant_id: str, runtime_config: hook_pb.TenantRuntimeConfig | None
     ) -> HookPolicy:
-        """Resolve the tenant's policy and apply it to its existing limiters/breakers."""
+        """Resolve the tenant's policy and apply it to its existing limiters/breakers.
+
+        While the settings are unchanged the same object is returned, which keeps the
+        per-call policy check in ``call`` an identity test.
+        """
         policy = resolve_policy(self._defaults, tenant_id, runtime_config)
+        cached = self._policies.get(tenant_id)
+        if cached == policy:
+            return cached
+        self._policies[tenant_id] = policy
         for op in HookOp:
             state = self._states.get((tenant_id, op))
             if state is not None:
