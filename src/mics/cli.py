@@ -117,7 +117,7 @@ def chat(
     device: Annotated[str, typer.Option(help="Device id")] = "cli",
 ) -> None:
     """A tiny terminal chat client on the Python SDK: type lines, see deliveries."""
-    from mics.client import ClientOptions, MicsClient
+    from mics.client import ClientOptions, MicsClient, MicsClientError
 
     async def main() -> None:
         client = MicsClient(
@@ -125,7 +125,12 @@ def chat(
                 url=url, tenant_id=tenant, token=token or f"{as_user}-token", device_id=device
             )
         )
-        ack = await client.connect()
+        try:
+            ack = await client.connect()
+        except MicsClientError as exc:
+            await client.close()
+            typer.echo(f"could not connect: {exc}", err=True)
+            raise typer.Exit(1) from exc
         print(f"connected as {ack.user_id} on {ack.node_id}", flush=True)
 
         async def show() -> None:
@@ -136,6 +141,8 @@ def chat(
         printer = asyncio.create_task(show())
         loop = asyncio.get_running_loop()
         try:
+            if not (group or to):
+                await printer  # listen only, until Ctrl-C
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)
                 if not line:
@@ -143,10 +150,8 @@ def chat(
                 body = line.rstrip("\n").encode("utf-8")
                 if group:
                     result = await client.send_group(group, body)
-                elif to:
-                    result = await client.send_single(to, body)
                 else:
-                    continue
+                    result = await client.send_single(to or "", body)
                 status = "sent" if result.status == 0 else "failed"
                 print(f"  [{status}{': ' + result.reason if result.reason else ''}]", flush=True)
         finally:

@@ -44,15 +44,19 @@ class DevStack:
 
     async def start(self) -> None:
         await self.backend.start()
-        settings = GatewaySettings(
-            host=self.options.host,
-            port=self.options.gateway_port,
-            node_id=self.options.node_id,
-            tenant_auth_map={DEMO_TENANT: self.backend.url},
-            tenant_hook_secrets={DEMO_TENANT: DEMO_SECRET},
-            hook_sign_required=True,
-            **self._gateway_overrides,  # type: ignore[arg-type]
-        )
+        values: dict[str, object] = {
+            "host": self.options.host,
+            "port": self.options.gateway_port,
+            "node_id": self.options.node_id,
+            "tenant_auth_map": {DEMO_TENANT: self.backend.url},
+            "tenant_hook_secrets": {DEMO_TENANT: DEMO_SECRET},
+            "hook_sign_required": True,
+            # A laptop running everything (and an editor, and a browser) is no production
+            # box: allow hooks a second rather than the production 150 ms.
+            "hook_timeout_ms": 1000,
+        }
+        values.update(self._gateway_overrides)
+        settings = GatewaySettings.model_validate(values)
         self.gateway = GatewayServer(settings)
         await self.gateway.start()
 
