@@ -7,16 +7,19 @@ One port serves the WebSocket endpoint and the operational endpoints:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
 from aiohttp import web
 
 from mics.cluster.routes import MemoryRouteTable, RouteTable
-from mics.events.bus import EventBus, NullEventBus
+from mics.events.bus import EventBus
+from mics.events.inprocess import InProcessTransport
 from mics.gateway.config import GatewaySettings
 from mics.gateway.core import Gateway
-from mics.observability.metrics import CONTENT_TYPE
+from mics.gateway.wiring import build_event_bus, kafka_settings
+from mics.observability.metrics import CONTENT_TYPE, MetricsRegistry
 
 log = logging.getLogger("mics.gateway")
 
@@ -61,15 +64,22 @@ class GatewayServer:
         events: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        registry = MetricsRegistry()
+        self.inprocess: InProcessTransport | None = None
+        if events is None:
+            events, self.inprocess = build_event_bus(settings, registry)
         self.gateway = Gateway(
             settings,
             routes=routes or MemoryRouteTable(),
-            events=events or NullEventBus(),
+            events=events,
+            metrics=registry,
         )
         self._runner: web.AppRunner | None = None
         self._port = settings.port
 
     async def start(self) -> None:
+        if self.settings.resolved_event_bus == "kafka" and self.settings.kafka_provision_topics:
+            await self._provision_topics()
         await self.gateway.start()
         app = create_gateway_app(self.gateway)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -86,6 +96,17 @@ class GatewayServer:
             "gateway listening",
             extra={"port": self._port, "node_id": self.gateway.node_id},
         )
+
+    async def _provision_topics(self) -> None:
+        from mics.events.kafka import provision_topics
+
+        kafka = kafka_settings(self.settings)
+        tenants = list(self.settings.tenant_auth_map)
+        loop = asyncio.get_running_loop()
+        created = await loop.run_in_executor(
+            None, provision_topics, kafka.bootstrap_servers, tenants, kafka.topics
+        )
+        log.info("event topics ready", extra={"created": len(created)})
 
     @property
     def port(self) -> int:

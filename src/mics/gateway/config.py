@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,6 +57,28 @@ class GatewaySettings(BaseSettings):
 
     dedup_ttl_seconds: int = 600
     dedup_max_entries: int = 1_000_000
+
+    # Events (MQ hook). MICS v1: an empty KAFKA__BOOTSTRAP_SERVERS disables Kafka.
+    kafka_bootstrap_servers: str = Field(
+        default="",
+        validation_alias=AliasChoices("kafka__bootstrap_servers", "kafka_bootstrap_servers"),
+    )
+    # "kafka" (when bootstrap servers are set), "inprocess" (mics dev) or "none".
+    event_bus: str = ""
+    kafka_max_attempts: int = 3
+    kafka_queue_capacity: int = 50_000
+    kafka_max_pending_per_tenant: int = 10_000
+    kafka_retry_backoff_ms: int = 50
+    kafka_max_inflight_per_tenant: int = 1_000
+    kafka_linger_ms: int = 5
+    kafka_compression_type: str = "lz4"
+    kafka_message_timeout_ms: int = 30_000
+    kafka_provision_topics: bool = False
+    kafka_topic_partitions: int = 32
+    kafka_topic_replication_factor: int = 3
+    kafka_topic_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Longest the sender's ack waits for the broker to confirm an OFFLINE_MESSAGE.
+    offline_notify_wait_ms: int = 200
 
     heartbeat_sweep_interval_seconds: float = 5.0
     drain_timeout_seconds: int = 10
@@ -111,6 +133,51 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _inflight(cls, v: int) -> int:
         return _clamp(v, 1, 10_000)
+
+    @field_validator("kafka_max_attempts")
+    @classmethod
+    def _attempts(cls, v: int) -> int:
+        return _clamp(v, 1, 10)
+
+    @field_validator("kafka_queue_capacity", "kafka_max_pending_per_tenant")
+    @classmethod
+    def _capacity(cls, v: int) -> int:
+        return _clamp(v, 1, 1_000_000)
+
+    @field_validator("kafka_retry_backoff_ms")
+    @classmethod
+    def _backoff(cls, v: int) -> int:
+        return _clamp(v, 0, 10_000)
+
+    @field_validator("event_bus")
+    @classmethod
+    def _bus(cls, v: str) -> str:
+        if v not in ("", "kafka", "inprocess", "none"):
+            raise ValueError("event_bus must be kafka, inprocess or none")
+        return v
+
+    @property
+    def resolved_event_bus(self) -> str:
+        if self.event_bus:
+            return self.event_bus
+        return "kafka" if self.kafka_bootstrap_servers.strip() else "none"
+
+    @model_validator(mode="after")
+    def _check_events(self) -> GatewaySettings:
+        if self.resolved_event_bus == "kafka":
+            if not self.kafka_bootstrap_servers.strip():
+                raise ValueError("event_bus=kafka needs KAFKA__BOOTSTRAP_SERVERS")
+            from mics.events.config import parse_bootstrap
+
+            parse_bootstrap(self.kafka_bootstrap_servers)
+            # Every event is signed with the tenant secret: refuse to start without one.
+            missing = [t for t in self.tenant_auth_map if not self.tenant_hook_secrets.get(t)]
+            if missing:
+                raise ValueError(
+                    f"events are enabled but tenants {missing} have no TENANT_HOOK_SECRETS "
+                    "entry: events must be signed"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_tenants(self) -> GatewaySettings:

@@ -45,9 +45,6 @@ _AUTH_FAILURE_REASON = {
     HookResult.CANCELED: "canceled",
 }
 
-# The confirmation wait of the notify_pull offline path (issue: durable ack).
-DEFAULT_NOTIFY_WAIT_S = 0.2
-
 
 @dataclass(frozen=True, slots=True)
 class AuthOk:
@@ -93,7 +90,7 @@ class Gateway:
         self.offline = OfflineDelivery(
             buffer=self.buffer,
             events=events,
-            notify_wait_s=DEFAULT_NOTIFY_WAIT_S,
+            notify_wait_s=settings.offline_notify_wait_ms / 1000,
             metrics=self.metrics,
         )
         self.pipeline = MessagePipeline(

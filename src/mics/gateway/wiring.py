@@ -1,0 +1,53 @@
+"""From settings to parts: the event bus a gateway was configured for."""
+
+from __future__ import annotations
+
+from mics.events.bus import EventBus, NullEventBus
+from mics.events.config import DispatcherConfig, KafkaSettings, TopicSettings
+from mics.events.dispatcher import EventDispatcher
+from mics.events.inprocess import InProcessTransport
+from mics.gateway.config import GatewaySettings
+from mics.observability.metrics import MetricsRegistry
+
+
+def dispatcher_config(settings: GatewaySettings) -> DispatcherConfig:
+    return DispatcherConfig(
+        queue_capacity=settings.kafka_queue_capacity,
+        max_pending_per_tenant=settings.kafka_max_pending_per_tenant,
+        max_attempts=settings.kafka_max_attempts,
+        retry_backoff_ms=settings.kafka_retry_backoff_ms,
+        max_inflight_per_tenant=settings.kafka_max_inflight_per_tenant,
+    )
+
+
+def kafka_settings(settings: GatewaySettings) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=settings.node_id,
+        linger_ms=settings.kafka_linger_ms,
+        compression_type=settings.kafka_compression_type,
+        message_timeout_ms=settings.kafka_message_timeout_ms,
+        provision_topics=settings.kafka_provision_topics,
+        topics=TopicSettings(
+            partitions=settings.kafka_topic_partitions,
+            replication_factor=settings.kafka_topic_replication_factor,
+            retention_ms=settings.kafka_topic_retention_ms,
+            compression_type=settings.kafka_compression_type,
+        ),
+    )
+
+
+def build_event_bus(
+    settings: GatewaySettings, metrics: MetricsRegistry
+) -> tuple[EventBus, InProcessTransport | None]:
+    """The configured bus; for the in-process bus also its transport, to subscribe to."""
+    kind = settings.resolved_event_bus
+    if kind == "kafka":
+        from mics.events.kafka import KafkaTransport  # librdkafka only when Kafka is used
+
+        transport = KafkaTransport(kafka_settings(settings))
+        return EventDispatcher(transport, dispatcher_config(settings), metrics), None
+    if kind == "inprocess":
+        local = InProcessTransport()
+        return EventDispatcher(local, dispatcher_config(settings), metrics), local
+    return NullEventBus(), None
