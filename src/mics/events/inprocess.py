@@ -21,6 +21,10 @@ log = logging.getLogger("mics.events.inprocess")
 Subscriber = Callable[[str, bytes, bytes], Awaitable[None]]
 
 
+class NoSubscriber(Exception):
+    """The in-process bus has no consumer attached."""
+
+
 class InProcessTransport:
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
@@ -37,6 +41,10 @@ class InProcessTransport:
         return None
 
     def produce(self, topic: str, key: bytes, value: bytes, on_done: DoneCallback) -> None:
+        if not self._subscribers:
+            # Nobody would store it: never confirm an event that nothing holds.
+            asyncio.get_running_loop().call_soon(on_done, NoSubscriber(topic))
+            return
         queue = self._queues.get(topic)
         if queue is None:
             queue = self._queues[topic] = asyncio.Queue()
