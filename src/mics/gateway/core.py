@@ -161,9 +161,11 @@ class Gateway:
         ws = web.WebSocketResponse(
             autoping=True,
             heartbeat=self.settings.ws_keepalive_interval_seconds or None,
-            # Frames between the protocol limit and twice it get error 4401 and the
-            # connection stays open; beyond that the transport refuses to buffer them.
-            max_msg_size=2 * self.frame_limit,
+            # Frames over the protocol limit get error 4401 and the connection stays
+            # open, up to twice the limit. aiohttp buffers a whole message before we see
+            # it, so beyond that it closes the connection (1009) rather than hold an
+            # unbounded frame in memory: the one place we knowingly differ from 2.3.
+            max_msg_size=2 * self.frame_limit + 1 if self.frame_limit else 0,
             compress=False,
             timeout=2.0,
         )
