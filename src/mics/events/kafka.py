@@ -18,6 +18,7 @@ from mics.events.config import EventConfigError, KafkaSettings, TopicSettings
 from mics.events.transport import DoneCallback, TransportFull
 
 log = logging.getLogger("mics.events.kafka")
+_librdkafka_log = logging.getLogger("mics.events.librdkafka")
 
 _POLL_INTERVAL_S = 0.002
 
@@ -38,11 +39,22 @@ class KafkaTransport:
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        config: dict[str, object] = dict(self._settings.producer_config())
+        config["logger"] = _librdkafka_log  # librdkafka's own lines, as JSON logs
         try:
-            self._producer = Producer(self._settings.producer_config())
+            self._producer = Producer(config)
         except KafkaException as exc:
             raise EventConfigError(f"invalid Kafka producer configuration: {exc}") from exc
-        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        loop = asyncio.get_running_loop()
+        self._poller = loop.create_task(self._poll_forever())
+        # Connect before serving, so the first event does not pay for it. A broker that
+        # is down now is not fatal: events queue and flow once it is back.
+        try:
+            await loop.run_in_executor(None, self._producer.list_topics, None, 5.0)
+        except KafkaException as exc:
+            log.warning(
+                "Kafka not reachable at startup; events will queue", extra={"error": str(exc)}
+            )
 
     def produce(self, topic: str, key: bytes, value: bytes, on_done: DoneCallback) -> None:
         producer = self._producer
