@@ -281,3 +281,23 @@ async def test_one_tenants_full_queue_refuses_only_that_tenant(kafka_broker: Kaf
         )
     finally:
         await dispatcher.stop(10)
+
+
+async def test_graceful_shutdown_flushes_queued_events(
+    make_stack: StackFactory, kafka_broker: KafkaBroker
+) -> None:
+    tenant = unique_tenant()
+    stack = await kafka_stack(make_stack, kafka_broker, tenant)
+    alice = await connect(stack, tenant, "u1")
+    await connect(stack, tenant, "u2")
+    for i in range(200):
+        assert (await alice.send_single("u2", b"bye", msg_id=f"flush-{i}")).status == msg_pb.SENT
+    await stack.gateway.stop()  # drains sessions, then flushes the event queue
+    # 2 online + 200 chats + 2 offline events of the drained sessions
+    messages = await asyncio.to_thread(
+        read_topic, kafka_broker.bootstrap, topic_for(tenant), 204, 60
+    )
+    ids = {hook_pb.MqEvent.FromString(m.value() or b"").msg_id for m in messages}
+    assert {f"flush-{i}" for i in range(200)} <= ids
+    types = [hook_pb.MqEvent.FromString(m.value() or b"").event_type for m in messages]
+    assert types.count(hook_pb.CONNECT_OFFLINE) == 2

@@ -51,3 +51,30 @@ def test_malformed_json_in_environment_is_an_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TENANT_AUTH_MAP", "{not json")
     with pytest.raises(Exception, match="tenant_auth_map"):
         load_settings()
+
+
+@pytest.mark.parametrize("servers", ["localhost", "host:", ":9092", "a:1,,b:2", "h:70000"])
+def test_bad_kafka_bootstrap_string_is_a_clear_startup_error(servers: str) -> None:
+    with pytest.raises(ValidationError, match="bootstrap"):
+        GatewaySettings(
+            kafka_bootstrap_servers=servers,
+            tenant_auth_map={"t1": "http://127.0.0.1:1"},
+            tenant_hook_secrets={"t1": "s"},
+        )
+
+
+def test_events_without_a_tenant_secret_refuse_to_start() -> None:
+    with pytest.raises(ValidationError, match="must be signed"):
+        GatewaySettings(
+            kafka_bootstrap_servers="127.0.0.1:9092",
+            tenant_auth_map={"t1": "http://127.0.0.1:1", "t2": "http://127.0.0.1:2"},
+            tenant_hook_secrets={"t1": "s"},
+        )
+
+
+def test_kafka_enabled_by_bootstrap_servers_as_in_v1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    assert load_settings().resolved_event_bus == "kafka"
+    monkeypatch.setenv("KAFKA__BOOTSTRAP_SERVERS", "")
+    assert load_settings().resolved_event_bus == "none"
+    assert load_settings(event_bus="inprocess").resolved_event_bus == "inprocess"
