@@ -18,6 +18,7 @@ from mics.events.bus import EventBus
 from mics.events.inprocess import InProcessTransport
 from mics.gateway.config import GatewaySettings
 from mics.gateway.core import Gateway
+from mics.gateway.nudge import NudgeEndpoint
 from mics.gateway.wiring import build_event_bus, kafka_settings
 from mics.observability.metrics import CONTENT_TYPE, MetricsRegistry
 
@@ -50,6 +51,7 @@ def create_gateway_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", gateway.handle_ws)
+    app.router.add_post("/v1/offline-available", NudgeEndpoint(gateway))
     return app
 
 

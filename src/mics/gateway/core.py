@@ -18,6 +18,7 @@ from mics.cluster.routes import AdmissionLimits, AdmissionResult, Route, RouteTa
 from mics.events.bus import EventBus
 from mics.gateway.config import GatewaySettings
 from mics.gateway.dedup import DedupCache
+from mics.gateway.drain import OfflineDrainer, uses_hook_pull
 from mics.gateway.metrics import GatewayMetrics
 from mics.gateway.offline import LegacyBuffer, OfflineDelivery
 from mics.gateway.pipeline import MessagePipeline, PipelineLimits
@@ -109,6 +110,9 @@ class Gateway:
             qps=TenantQpsLimiter(),
             metrics=self.metrics,
         )
+        self.drainer = OfflineDrainer(
+            node_id=self.node_id, hooks=self.hooks, buffer=self.buffer, metrics=self.metrics
+        )
         self.frame_limit = codec.frame_limit(settings.max_message_bytes)
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -148,6 +152,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.drainer.close()
         remaining = None if timeout is None else max(0.1, timeout - (time.monotonic() - started))
         await self.events.stop(remaining if remaining is not None else 30.0)
         await self.hooks.close()
@@ -249,7 +254,7 @@ class Gateway:
             connected = True
             self._count_connect(session, +1)
             self._emit_connect(session, hook_pb.CONNECT_ONLINE)
-            self._drain_offline(session)
+            self.drainer.start(session, "connect")
             await self._read_loop(ws, session)
         finally:
             if registered:
@@ -316,17 +321,6 @@ class Gateway:
         )
         return msg_pb.ServerFrame(connect_ack=ack).SerializeToString()
 
-    def _drain_offline(self, session: Session) -> None:
-        """Push the buffered backlog, then (v1.1) OfflineSync, then held live deliveries."""
-        frames = self.buffer.take(session.tenant_id, session.user_id)
-        for frame in frames:
-            session.send(frame)
-        if frames:
-            self.metrics.offline_drained.labels(session.tenant_id, self.node_id).inc(len(frames))
-        if session.v11:
-            session.send(codec.offline_sync_frame(len(frames), True, ""))
-        session.release_held()
-
     # -- reader -------------------------------------------------------------------------------
 
     async def _read_loop(self, ws: web.WebSocketResponse, session: Session) -> None:
@@ -349,9 +343,30 @@ class Gateway:
                 session.touch()
                 session.send(codec.pong_frame(now_ms()))
             elif kind == "delivery_ack":
-                session.touch()  # receipts are activity; offline commit uses them later
+                session.touch()  # receipts are activity, and they confirm offline pages
+                self.drainer.on_receipt(session, frame.delivery_ack)
             if session.closed:
                 break
+
+    # -- nudge (protocol.md 9.5) ----------------------------------------------------------
+
+    def nudge(self, tenant_id: str, user_id: str) -> int:
+        """Re-drain every local connection of the user that pulls from the hook."""
+        devices = self.registry.devices(tenant_id, user_id)
+        count = 0
+        for session in list(devices.values()) if devices else []:
+            if not session.closed and uses_hook_pull(session):
+                self.drainer.start(session, "nudge")
+                count += 1
+        return count
+
+    def nudge_secrets(self, tenant_id: str) -> list[str]:
+        """Keys a nudge may be signed with: the configured one, and the latest /auth one."""
+        keys = [self.tenants.hook_secret(tenant_id)]
+        latest = self.tenants.latest(tenant_id)
+        if latest is not None:
+            keys.append(latest.tenant_secret)
+        return [k for k in dict.fromkeys(keys) if k]
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class Session:
         "device_id",
         "inflight",
         "last_seen",
+        "offline",
         "runtime",
         "tenant_id",
         "trace_id",
@@ -96,6 +97,8 @@ class Session:
         self._tail: asyncio.Future[None] | None = None
         self._slot_free: asyncio.Future[None] | None = None
         self.inflight = 0
+        # Offline drain state (mics.gateway.drain), created on the first drain.
+        self.offline: object | None = None
         self.closed = False
         self.close_code = 0
         self.last_seen = time.monotonic()
@@ -122,6 +125,11 @@ class Session:
         else:
             self.send(frame)
         return True
+
+    def hold(self) -> None:
+        """Start holding live deliveries (a drain is about to run)."""
+        if self._held is None:
+            self._held = []
 
     def release_held(self) -> None:
         """End the hold: queue the live deliveries that arrived during the drain."""
@@ -154,6 +162,9 @@ class Session:
         if self._send_limit and transport.get_write_buffer_size() > self._send_limit:
             # The client stopped reading. Holding more would grow memory without bound.
             self.close(1013, "slow consumer")
+
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
 
     def flush_now(self) -> None:
         if self._out is not None:

@@ -301,7 +301,14 @@ class HookClient:
         secret: str,
         policy: HookPolicy,
         trace_id: str = "",
+        benign_statuses: frozenset[int] = frozenset(),
     ) -> HookOutcome[R]:
+        """One hook call; never raises for hook failures (see HookResult).
+
+        ``benign_statuses`` are HTTP statuses that answer a question rather than signal a
+        sick backend (a 404 from /ack-offline-messages means a v1 backend): they come
+        back as failures to the caller but count as a live backend for the breaker.
+        """
         session = self._session
         if session is None:
             raise RuntimeError("HookClient.start() has not been called")
@@ -388,12 +395,12 @@ class HookClient:
                     breaker.record_success()
                     state.results[HookResult.OK].inc()
                     return HookOutcome(HookResult.OK, response, status, duration_ms)
-            elif 400 <= status < 500:
-                result = HookResult.HTTP_4XX
-            elif 500 <= status < 600:
-                result = HookResult.HTTP_5XX
             else:
-                result = HookResult.HTTP_OTHER
+                result = _status_result(status)
+                if status in benign_statuses:
+                    breaker.record_success()
+                    state.results[result].inc()
+                    return HookOutcome(result, None, status, duration_ms)
         return self._failed(
             state,
             result,
@@ -459,3 +466,11 @@ class HookClient:
                 "suppressed": suppressed,
             },
         )
+
+
+def _status_result(status: int) -> HookResult:
+    if 400 <= status < 500:
+        return HookResult.HTTP_4XX
+    if 500 <= status < 600:
+        return HookResult.HTTP_5XX
+    return HookResult.HTTP_OTHER
