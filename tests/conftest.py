@@ -5,5 +5,7 @@ stopped when the session ends.
 """
 
 from tests.support.kafka import kafka_broker
+from tests.support.postgres import postgres_db, postgres_server
+from tests.support.redis import redis_server, redis_url
 
-__all__ = ["kafka_broker"]
+__all__ = ["kafka_broker", "postgres_db", "postgres_server", "redis_server", "redis_url"]
