@@ -78,3 +78,11 @@ def test_kafka_enabled_by_bootstrap_servers_as_in_v1(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KAFKA__BOOTSTRAP_SERVERS", "")
     assert load_settings().resolved_event_bus == "none"
     assert load_settings(event_bus="inprocess").resolved_event_bus == "inprocess"
+
+
+def test_the_shipped_example_config_loads() -> None:
+    example = Path(__file__).parents[2] / "deploy" / "config" / "gateway.toml"
+    settings = load_settings(example)
+    assert settings.node_id == "gw-1"
+    assert settings.resolved_event_bus == "kafka"
+    assert settings.tenant_auth_map == {"acme": "https://im-hooks.acme.example"}
