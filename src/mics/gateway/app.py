@@ -51,7 +51,7 @@ def create_gateway_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", gateway.handle_ws)
-    app.router.add_post("/v1/offline-available", NudgeEndpoint(gateway))
+    app.router.add_route("*", "/v1/offline-available", NudgeEndpoint(gateway).handle)
     return app
 
 

@@ -355,7 +355,9 @@ class Gateway:
         devices = self.registry.devices(tenant_id, user_id)
         count = 0
         for session in list(devices.values()) if devices else []:
-            if not session.closed and uses_hook_pull(session):
+            # A session whose connect drain has not started yet needs no nudge: that
+            # drain starts after the message was stored and will find it.
+            if not session.closed and session.offline is not None and uses_hook_pull(session):
                 self.drainer.start(session, "nudge")
                 count += 1
         return count

@@ -51,12 +51,16 @@ SEND_LOW_WATER = 256 * 1024
 # How long a v1.1 drain that hit the page limit waits for the client's receipts
 # before continuing with the next drain.
 CONFIRM_WAIT_S = 30.0
+SLOW_READER_S = 30.0
 SEEN_MEMORY = 10_000
 
 REASON_LIMIT = "limit reached"
 REASON_HOOK_FAILED = "hook failed"
 REASON_HOOK_UNAVAILABLE = "hook unavailable"
 REASON_INVALID_CURSOR = "invalid cursor"
+_HOOK_FAILURE_REASONS = frozenset(
+    {REASON_HOOK_FAILED, REASON_HOOK_UNAVAILABLE, REASON_INVALID_CURSOR}
+)
 
 _HOOK_FAILED_RESULTS = {HookResult.SIGN_REQUIRED}
 _NOT_RETRIED = {HookResult.SIGN_REQUIRED, HookResult.CIRCUIT_OPEN, HookResult.CANCELED}
@@ -77,7 +81,16 @@ class _Page:
 class OfflineState:
     """One connection's drain: running flag, cursor, and pages awaiting confirmation."""
 
-    __slots__ = ("again", "all_confirmed", "commit_task", "cursor", "pages", "running", "seen")
+    __slots__ = (
+        "again",
+        "all_confirmed",
+        "commit_task",
+        "cursor",
+        "nudged",
+        "pages",
+        "running",
+        "seen",
+    )
 
     def __init__(self) -> None:
         self.cursor = ""
@@ -88,6 +101,8 @@ class OfflineState:
         self.commit_task: asyncio.Task[None] | None = None
         self.all_confirmed = asyncio.Event()
         self.all_confirmed.set()
+        # Set by a nudge that arrives while a drain runs or waits for receipts.
+        self.nudged = asyncio.Event()
 
     def remember(self, key: str) -> bool:
         """Record a pushed (sender, msg_id); False if this connection pushed it already."""
@@ -168,6 +183,7 @@ class OfflineDrainer:
             session.offline = state
         if state.running:
             state.again = True
+            state.nudged.set()
             return False
         state.running = True
         session.hold()
@@ -217,14 +233,18 @@ class OfflineDrainer:
                         offline_sync_frame(outcome.delivered, outcome.complete, outcome.reason)
                     )
                 session.release_held()
-                if state.again:
-                    state.again = False
-                elif outcome.reason == REASON_LIMIT and session.v11:
-                    # More backlog: continue once the client confirmed what it got.
-                    if not await self._wait_confirmed(state):
+                if outcome.reason == REASON_LIMIT and session.v11 and not state.again:
+                    # More backlog: continue once the client confirmed what it got, or
+                    # at once if a nudge comes in meanwhile.
+                    await self._wait_confirmed_or_nudged(state)
+                    if session.closed:
                         return
-                else:
+                    if not state.all_confirmed.is_set() and not state.again:
+                        return  # receipts never came: the next connect or nudge continues
+                elif not state.again:
                     return
+                state.again = False
+                state.nudged.clear()
                 trigger = "nudge" if trigger == "connect" else trigger
                 session.hold()
         except Exception:
@@ -234,19 +254,23 @@ class OfflineDrainer:
         finally:
             state.running = False
 
-    async def _wait_confirmed(self, state: OfflineState) -> bool:
+    async def _wait_confirmed_or_nudged(self, state: OfflineState) -> None:
+        waiters = [
+            asyncio.ensure_future(state.all_confirmed.wait()),
+            asyncio.ensure_future(state.nudged.wait()),
+        ]
         try:
-            await asyncio.wait_for(state.all_confirmed.wait(), CONFIRM_WAIT_S)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waiters, timeout=CONFIRM_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _drain_once(self, session: Session, state: OfflineState) -> DrainOutcome:
         delivered = 0
         complete, reason = True, ""
         if uses_hook_pull(session):
             delivered, complete, reason = await self._pull(session, state)
-            if not complete and reason not in (REASON_LIMIT,):
+            if reason in _HOOK_FAILURE_REASONS and not session.closed:
                 self._m.failed.labels(session.tenant_id, "hook_fail").inc()
         if session.closed:
             return DrainOutcome(delivered, False, reason)
@@ -275,6 +299,8 @@ class OfflineDrainer:
             if session.closed:
                 return sent, False, ""
             response, failure = await self._fetch(session, state.cursor)
+            if session.closed:
+                return sent, False, ""  # nothing of this page was written: it stays pending
             if response is None:
                 return sent, False, failure
             if not response.messages:
@@ -287,10 +313,19 @@ class OfflineDrainer:
         return sent, False, REASON_LIMIT
 
     async def _room_to_send(self, session: Session) -> None:
-        """Backpressure: wait until the client has read most of what was sent."""
+        """Backpressure: wait until the client has read most of what was sent.
+
+        A client that stops reading for `SLOW_READER_S` is closed as a slow consumer:
+        otherwise the live deliveries held behind its drain would grow without bound.
+        """
         delay = 0.005
+        waited = 0.0
         while not session.closed and session.write_buffer_size() > SEND_LOW_WATER:
+            if waited >= SLOW_READER_S:
+                session.close(1013, "slow consumer")
+                return
             await asyncio.sleep(delay)
+            waited += delay
             delay = min(delay * 2, 0.2)
 
     def _push_page(
@@ -322,7 +357,11 @@ class OfflineDrainer:
         if valid:
             self._m.from_hook.labels(tenant, self._node_id).inc(len(valid))
         if not session.v11:
-            page.unconfirmed = 0  # v1 clients send no receipts: written is as good as it gets
+            # v1 clients send no receipts: written to the socket is as good as it gets.
+            session.flush_now()
+            if session.closed:
+                return len(valid)  # not written after all: leave the page uncommitted
+            page.unconfirmed = 0
             page.remaining.clear()
         state.pages.append(page)
         state.all_confirmed.clear()

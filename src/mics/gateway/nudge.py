@@ -38,8 +38,12 @@ class NudgeEndpoint:
             "mics_offline_nudges", "Offline-available nudges by result", ("tenant", "result")
         )
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         gateway = self._gateway
+        if request.method != "POST":
+            response = _answer(405, False, "method not allowed")
+            response.headers["Allow"] = "POST"
+            return response
         if gateway.draining:
             return _answer(503, False, "server draining")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
