@@ -7,20 +7,28 @@
 
 Routes: the hooks (:mod:`mics.backend.hookserver`), the admin API under ``/admin``
 (:mod:`mics.backend.admin`), and ``GET /``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+Besides HTTP, a started server runs the offline path of its state: the store (opened at
+start when ``database_url`` or Kafka is configured, else on first use), the Kafka
+consumers (only with ``kafka_bootstrap_servers``), the nudger and the periodic jobs.
+Events of an in-process bus go to :attr:`BackendServer.event_subscriber`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
 from mics.backend.admin import AdminApi
 from mics.backend.config import BackendConfig
+from mics.backend.consumer import OfflineConsumers
 from mics.backend.hookserver import HookServer
+from mics.backend.jobs import PeriodicJobs
 from mics.backend.replay import wall_clock_ms
 from mics.backend.state import BackendState
 from mics.observability.metrics import CONTENT_TYPE
@@ -82,13 +90,32 @@ class BackendServer:
         state: BackendState | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         shutdown_timeout: float = 5.0,
+        consumer_settings: dict[str, Any] | None = None,
     ) -> None:
-        """``state`` defaults to a fresh BackendState.from_config(config, clock=clock)."""
+        """``state`` defaults to a fresh BackendState.from_config(config, clock=clock).
+
+        ``consumer_settings`` are keyword arguments of each
+        :class:`mics.backend.consumer.OfflineConsumer` (batch size, backoff, ...).
+        """
         self.config = config
         self.state = state or BackendState.from_config(config, clock=clock)
         self._shutdown_timeout = shutdown_timeout
+        self._consumer_settings = consumer_settings or {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self.consumers = OfflineConsumers([])
+        self.jobs = PeriodicJobs(
+            self.state.store,
+            self.state.metrics,
+            interval_s=config.jobs_interval_seconds,
+            retention_days=config.retention_days,
+        )
+
+    @property
+    def event_subscriber(self) -> Callable[[str, bytes, bytes], Awaitable[None]]:
+        """The in-process event bus subscriber ``(topic, key, value)``: stores
+        OFFLINE_MESSAGE events like the Kafka consumer does; raises if storing failed."""
+        return self.state.ingestor.store_event_bytes
 
     @property
     def port(self) -> int:
@@ -110,16 +137,26 @@ class BackendServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("BackendServer already started")
-        runner = web.AppRunner(
-            create_backend_app(self.state), shutdown_timeout=self._shutdown_timeout
-        )
+        state = self.state
+        config = self.config
+        # A configured database must work before we answer hooks: fail fast.
+        if config.database_url or config.kafka_bootstrap_servers:
+            await state.store.open()
+        state.nudger.reopen()
+        runner = web.AppRunner(create_backend_app(state), shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = web.TCPSite(runner, config.host, config.port)
             await site.start()
+            self.consumers = OfflineConsumers.from_config(
+                config, state.ingestor, state.metrics, **self._consumer_settings
+            )
+            await self.consumers.start()
         except BaseException:
             await runner.cleanup()
+            await self._stop_offline()
             raise
+        self.jobs.start()
         self._runner = runner
         # With port 0 every socket of the site has its own port; with a hostname that
         # resolves to several addresses, use an IP literal to get one port.
@@ -134,9 +171,18 @@ class BackendServer:
         if runner is None:
             return
         self.state.ready = False
+        # Consumers first: a batch in progress is stored and committed, then no more.
+        await self.consumers.stop()
         await runner.cleanup()
+        await self._stop_offline()
         self._port = None
         log.info("backend stopped")
+
+    async def _stop_offline(self) -> None:
+        await self.consumers.stop()
+        await self.jobs.stop()
+        await self.state.nudger.close()
+        await self.state.store.close()
 
     async def __aenter__(self) -> BackendServer:
         await self.start()

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,6 +37,16 @@ port = 8090
 admin_token = "change-me"                        # omit: admin API on loopback only
 clock_skew_seconds = 300                         # replay window (protocol.md 9.9)
 
+# Offline store (the tenant side of the offline path, offline-design.md 3.2).
+# database_url = "postgresql+asyncpg://mics:pw@db/mics"  # "" = ./mics-offline.db
+# database_auto_migrate = true                   # false: run `mics backend migrate` yourself
+# kafka_bootstrap_servers = "127.0.0.1:9092"     # "" = no Kafka consumer
+# consumer_group_mode = "per_tenant"             # or "shared"
+# gateway_urls = ["http://gateway-1:8080"]       # nudged after storing (protocol.md 9.5)
+mark_on_fetch = false                            # true: v1 semantics for old gateways
+retention_days = 30                              # delivered rows kept this long
+# order_by_priority = false                      # sort each page by priority
+
 [tenants.demo]
 secret = "dev-secret-demo"        # TENANT_HOOK_SECRETS[demo] on the gateway
 sign_required = true
@@ -45,6 +55,8 @@ offline_mode = "legacy"           # "", "notify_pull", "legacy" or "dual"
 # check_message_fail_closed = true
 # hook_max_concurrency = 64
 blocked_words = ["forbidden"]
+# mark_on_fetch = true            # overrides the global switch for this tenant
+# offline_sender_priority = { alice = 10 }   # stored priority of alice's offline messages
 
 [tenants.demo.users.alice]
 tokens = ["alice-token"]
@@ -122,8 +134,15 @@ class TenantConfig(_Model):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     # group id -> member user ids; every member must be a user of this tenant.
     groups: dict[str, list[str]] = Field(default_factory=dict)
-    # /check-message denies bodies containing any of these (case-insensitive).
+    # /check-message denies bodies containing any of these (case-insensitive); the
+    # offline consumer drops offline messages containing them too.
     blocked_words: list[str] = Field(default_factory=list)
+
+    # Offline store overrides; None uses BackendConfig's setting.
+    mark_on_fetch: bool | None = None
+    order_by_priority: bool | None = None
+    # sender user id -> priority stored with its offline messages (default 0).
+    offline_sender_priority: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("offline_mode")
     @classmethod
@@ -173,6 +192,38 @@ class BackendConfig(_Model):
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
 
+    # -- offline store, consumer and nudges (offline-design.md 3.2, protocol.md 9) --
+    # SQLAlchemy async URL: postgresql+asyncpg://user:pw@host/db (production) or
+    # sqlite+aiosqlite:///path.db (embedded). "" = the SQLite file mics-offline.db in the
+    # working directory, opened on first use (a configured URL is opened at start-up).
+    database_url: str = ""
+    # Apply the schema migrations when the store opens. Turn off where migrations are a
+    # deployment step (`mics backend migrate`).
+    database_auto_migrate: bool = True
+    # Kafka consumer of the tenants' event topics; "" = none (events may still arrive
+    # in-process, see BackendServer.event_subscriber).
+    kafka_bootstrap_servers: str = ""
+    # per_tenant: group offline-message-consumer-{tenant} per tenant topic;
+    # shared: one group offline-message-consumer over every tenant topic.
+    consumer_group_mode: Literal["per_tenant", "shared"] = "per_tenant"
+    # Extra librdkafka settings of the consumer (security, timeouts, ...).
+    kafka_consumer_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Gateway nodes to nudge with POST /v1/offline-available after storing a message
+    # (any node will do; the next is tried on failure). Empty: no nudges.
+    gateway_urls: list[str] = Field(default_factory=list)
+    # Nudges for one user within this window are coalesced into one call.
+    nudge_debounce_ms: int = Field(default=50, ge=0, le=10_000)
+    # Mark messages delivered when /get-offline-messages returns them even if the
+    # gateway promises an ack (MICS v1 semantics, for old gateways). Per-tenant override.
+    mark_on_fetch: bool = False
+    # Sort each page by priority (desc), then creation time. Pages and cursors stay in
+    # storage order: see mics.backend.store.repository. Per-tenant override.
+    order_by_priority: bool = False
+    # Delivered rows older than this are deleted by the cleanup job.
+    retention_days: int = Field(default=30, ge=1)
+    # How often the periodic jobs (cleanup, daily reconciliation) run; 0 = never.
+    jobs_interval_seconds: int = Field(default=3600, ge=0)
+
     @field_validator("public_url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
@@ -181,6 +232,21 @@ class BackendConfig(_Model):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"public_url must start with http:// or https://, not {url!r}")
         return url.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str) -> str:
+        from mics.backend.store.engine import check_database_url
+
+        return check_database_url(url)  # StoreConfigError is a ValueError
+
+    @field_validator("gateway_urls")
+    @classmethod
+    def _gateway_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"gateway_urls must start with http:// or https://: {url!r}")
+        return [url.rstrip("/") for url in urls]
 
     @field_validator("admin_token")
     @classmethod
@@ -204,6 +270,18 @@ class BackendConfig(_Model):
                         )
                     owners[token] = owner
         return self
+
+    def mark_on_fetch_for(self, tenant_id: str) -> bool:
+        """Whether /get-offline-messages marks on fetch for ``tenant_id``."""
+        tenant = self.tenants.get(tenant_id)
+        override = tenant.mark_on_fetch if tenant is not None else None
+        return self.mark_on_fetch if override is None else override
+
+    def order_by_priority_for(self, tenant_id: str) -> bool:
+        """Whether pages of ``tenant_id`` are sorted by priority (within the page)."""
+        tenant = self.tenants.get(tenant_id)
+        override = tenant.order_by_priority if tenant is not None else None
+        return self.order_by_priority if override is None else override
 
     @property
     def admin_enabled(self) -> bool:

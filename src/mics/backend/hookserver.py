@@ -15,16 +15,33 @@ A handler then answers with HTTP 200, also when its answer is "no" (``ok=false``
 breaker must not count it (section 4.2). Responses echo the request's meta, unsigned
 (the gateway does not verify response signatures).
 
-To add a hook (e.g. ``/get-offline-messages``): write a handler that takes the admitted
-:class:`HookCall` and the parsed request, fills the response and returns a result label,
+To add a hook: write a handler that takes the admitted :class:`HookCall` and the parsed
+request, fills the response and returns a result label (or a coroutine returning one),
 and register it in :meth:`HookServer.routes` with :meth:`HookServer._serve`.
+
+Offline hooks (protocol.md sections 4.5 and 9.3), served from the offline store:
+
+* ``/get-offline-messages``: the recipient's undelivered messages after ``cursor``
+  (``""`` = from the start) in storage order, ``max_messages`` clamped to 1..1000
+  (``<= 0`` means 100). ``next_cursor`` is the cursor of the page's last row on every
+  non-empty page (also with ``has_more=false``); an empty page echoes the request's
+  cursor. With ``ack_follows=false`` (a MICS v1 gateway), or when ``mark_on_fetch`` is
+  configured, the returned rows are marked delivered in the same transaction; with
+  ``ack_follows=true`` nothing is marked. An unknown cursor answers ``ok=false``,
+  ``invalid cursor``.
+* ``/ack-offline-messages``: marks every undelivered message of the recipient up to and
+  including the cursor's row delivered; ``ok=true`` also when nothing changed; an
+  unknown or blank cursor answers ``ok=false``, ``invalid cursor``. Never 404.
+
+A database failure answers HTTP 500, which the gateway counts as a hook failure.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +49,7 @@ from aiohttp import web
 from google.protobuf.message import DecodeError
 
 from mics.backend.config import TenantConfig
+from mics.backend.cursor import InvalidCursor, decode_cursor, encode_cursor
 from mics.backend.directory import Directory
 from mics.backend.state import (
     RESULT_BAD_REQUEST,
@@ -44,6 +62,7 @@ from mics.backend.state import (
     RESULT_UNKNOWN_TENANT,
     BackendState,
 )
+from mics.backend.store.repository import Page
 from mics.observability.logging import log_context
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
@@ -57,6 +76,8 @@ PROTOBUF = "application/protobuf"
 OP_AUTH = "Auth"
 OP_CHECK_MESSAGE = "CheckMessage"
 OP_GET_GROUP_MEMBERS = "GetGroupMembers"
+OP_GET_OFFLINE_MESSAGES = "GetOfflineMessages"
+OP_ACK_OFFLINE_MESSAGES = "AckOfflineMessages"
 
 # Reasons put in AuthResponse.reason / CheckMessageResponse.reason.
 REASON_MALFORMED = "malformed request"
@@ -72,6 +93,16 @@ REASON_GROUP_UNKNOWN = "group unknown"
 REASON_NOT_GROUP_MEMBER = "not a group member"
 REASON_BLOCKED_WORD = "blocked word"
 REASON_UNSUPPORTED_TYPE = "unsupported message type"
+REASON_INVALID_CURSOR = "invalid cursor"
+REASON_MISSING_USER = "missing user_id"
+
+# /get-offline-messages page size (protocol.md section 4.5).
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+# offline_message_delivered_total{via}
+DELIVERED_VIA_ACK = "ack"
+DELIVERED_VIA_FETCH = "fetch"
 
 # Map replay-guard reasons to metric results.
 _REPLAY_RESULTS = {"stale request": RESULT_STALE, "replayed request": RESULT_REPLAYED}
@@ -136,9 +167,18 @@ def runtime_config(tenant: TenantConfig, hook_base_url: str) -> hook_pb.TenantRu
         config.hook_sign_required = True
     if tenant.check_message_fail_closed is not None:
         config.check_message_fail_closed = tenant.check_message_fail_closed
-    # offline_use_hook_pull stays unset: this backend does not serve
-    # /get-offline-messages yet, and offline_mode overrides it for v1.1 gateways.
+    # For MICS v1 gateways, which only know the flag; v1.1 gateways use offline_mode.
+    # Unset otherwise, so that "" keeps leaving the choice to the gateway.
+    if tenant.offline_mode in ("notify_pull", "dual"):
+        config.offline_use_hook_pull = True
     return config
+
+
+def page_size(max_messages: int) -> int:
+    """GetOfflineMessagesRequest.max_messages clamped: <= 0 -> 100, at most 1000."""
+    if max_messages <= 0:
+        return DEFAULT_PAGE_SIZE
+    return min(max_messages, MAX_PAGE_SIZE)
 
 
 def check_message(
@@ -184,6 +224,8 @@ class HookServer:
             web.post("/auth", self.auth),
             web.post("/check-message", self.check_message),
             web.post("/get-group-members", self.get_group_members),
+            web.post("/get-offline-messages", self.get_offline_messages),
+            web.post("/ack-offline-messages", self.ack_offline_messages),
         ]
 
     # -- endpoints -------------------------------------------------------------------
@@ -248,6 +290,110 @@ class HookServer:
 
         return await self._serve(request, OP_GET_GROUP_MEMBERS, req, resp, reject, handle)
 
+    async def get_offline_messages(self, request: web.Request) -> web.Response:
+        req = hook_pb.GetOfflineMessagesRequest()
+        resp = hook_pb.GetOfflineMessagesResponse()
+
+        def reject(reason: str) -> None:
+            resp.ok = False
+            resp.reason = reason
+
+        async def handle(call: HookCall) -> str:
+            user_id = req.user_id
+            if not user_id:
+                reject(REASON_MISSING_USER)
+                return RESULT_DENIED
+            after_id = 0
+            if req.cursor:
+                try:
+                    after_id = decode_cursor(
+                        call.tenant.secret, call.tenant_id, user_id, req.cursor
+                    )
+                except InvalidCursor:
+                    reject(REASON_INVALID_CURSOR)
+                    return RESULT_DENIED
+            config = self._state.config
+            # ack_follows=false: a MICS v1 gateway, which never acks (section 9.3).
+            mark = not req.ack_follows or config.mark_on_fetch_for(call.tenant_id)
+            metrics = self._state.metrics
+            started = time.perf_counter()
+            repository = await self._state.store.reader()
+            page = Page(messages=[], has_more=False, last_id=None)  # no database file yet
+            if repository is not None:
+                page = await repository.pull(
+                    call.tenant_id,
+                    user_id,
+                    after_id,
+                    page_size(req.max_messages),
+                    mark_delivered=mark,
+                    order_by_priority=config.order_by_priority_for(call.tenant_id),
+                )
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            metrics.query_total.labels(call.tenant_id).inc()
+            metrics.query_duration_ms.labels(call.tenant_id).observe(elapsed_ms)
+            metrics.query_count.labels(call.tenant_id).observe(len(page.messages))
+            for row in page.messages:
+                try:
+                    resp.messages.add().ParseFromString(row.message_data)
+                except (DecodeError, RuntimeError, ValueError):
+                    # Validated at ingest; a row that no longer parses is a storage fault.
+                    del resp.messages[-1]
+                    log.error("stored offline message does not parse", extra={"row_id": row.id})
+            if mark and page.messages:
+                metrics.delivered.labels(call.tenant_id, DELIVERED_VIA_FETCH).inc(
+                    len(page.messages)
+                )
+            resp.ok = True
+            resp.has_more = page.has_more
+            if page.last_id is None:
+                resp.next_cursor = req.cursor
+            else:
+                resp.next_cursor = encode_cursor(
+                    call.tenant.secret, call.tenant_id, user_id, page.last_id
+                )
+            log.debug(
+                "offline page served",
+                extra={
+                    "user_id": user_id,
+                    "messages": len(page.messages),
+                    "has_more": page.has_more,
+                    "marked": mark,
+                },
+            )
+            return RESULT_OK
+
+        return await self._serve(request, OP_GET_OFFLINE_MESSAGES, req, resp, reject, handle)
+
+    async def ack_offline_messages(self, request: web.Request) -> web.Response:
+        req = hook_pb.AckOfflineMessagesRequest()
+        resp = hook_pb.AckOfflineMessagesResponse()
+
+        def reject(reason: str) -> None:
+            resp.ok = False
+            resp.reason = reason
+
+        async def handle(call: HookCall) -> str:
+            user_id = req.user_id
+            if not user_id:
+                reject(REASON_MISSING_USER)
+                return RESULT_DENIED
+            try:
+                upto = decode_cursor(call.tenant.secret, call.tenant_id, user_id, req.cursor)
+            except InvalidCursor:
+                reject(REASON_INVALID_CURSOR)
+                return RESULT_DENIED
+            repository = await self._state.store.reader()
+            marked = 0
+            if repository is not None:
+                marked = await repository.mark_delivered_upto(call.tenant_id, user_id, upto)
+            if marked:
+                self._state.metrics.delivered.labels(call.tenant_id, DELIVERED_VIA_ACK).inc(marked)
+            resp.ok = True
+            log.debug("offline messages acked", extra={"user_id": user_id, "marked": marked})
+            return RESULT_OK
+
+        return await self._serve(request, OP_ACK_OFFLINE_MESSAGES, req, resp, reject, handle)
+
     # -- shared pipeline -------------------------------------------------------------
 
     async def _serve(
@@ -257,7 +403,7 @@ class HookServer:
         req: HookMessage,
         resp: HookMessage,
         reject: Callable[[str], None],
-        handle: Callable[[HookCall], str],
+        handle: Callable[[HookCall], str | Awaitable[str]],
     ) -> web.Response:
         """Admit ``req``, run ``handle`` on success, record metrics, answer ``resp``.
 
@@ -284,7 +430,8 @@ class HookServer:
                 tenant_label = admitted.tenant_id
                 _echo_meta(resp, req.meta)
                 with log_context(tenant=admitted.tenant_id, trace=admitted.meta.trace_id):
-                    result = handle(admitted)
+                    outcome = handle(admitted)
+                    result = await outcome if inspect.isawaitable(outcome) else outcome
                 status = 200
             return web.Response(body=resp.SerializeToString(), status=status, content_type=PROTOBUF)
         except web.HTTPRequestEntityTooLarge:
