@@ -28,7 +28,7 @@ from mics.gateway.session import Session
 from mics.gateway.tenants import TenantDirectory, TenantRuntime
 from mics.hooks.client import HookClient, HookOp, HookResult
 from mics.hooks.policy import HookDefaults
-from mics.observability.logging import log_context, now_ms
+from mics.observability.logging import bind_log_context, now_ms
 from mics.observability.metrics import MetricsRegistry
 from mics.protocol import codec
 from mics.protocol.ids import new_trace_id
@@ -119,6 +119,7 @@ class Gateway:
         self._connections: set[asyncio.Task[object]] = set()
         self._close_tasks: set[asyncio.Task[object]] = set()
         self._ws: dict[str, web.WebSocketResponse] = {}
+        self._close_cb = self._close_session  # one bound method shared by all sessions
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -181,56 +182,61 @@ class Gateway:
         if task is not None:
             self._connections.add(task)
         try:
-            await self._serve(request, ws)
+            # The handshake returns before the long-lived part starts, so an idle
+            # connection keeps only two frames of ours alive (memory per connection).
+            session = await self._handshake(request, ws)
+            if session is not None:
+                try:
+                    await self._run_session(ws, session)
+                    if not ws.closed:
+                        await ws.close()
+                except Exception:
+                    # _run_session cleaned up after itself; tell the client plainly.
+                    log.exception("session failed")
+                    self.metrics.internal_errors.labels(session.tenant_id, "session").inc()
+                    if not ws.closed:
+                        await ws.close(code=1011, message=b"internal error")
         finally:
             if task is not None:
                 self._connections.discard(task)
         return ws
 
-    async def _serve(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+    async def _handshake(self, request: web.Request, ws: web.WebSocketResponse) -> Session | None:
+        """Steps 3-5 of the connection sequence; a Session, or None once refused."""
         query = request.query
         tenant_id = query.get("tenantId", "")
         token = query.get("token", "")
         device_id = query.get("deviceId", "")
         v11 = query.get("protocolVersion", "") == "1.1"
         trace_id = new_trace_id()
-        with log_context(tenant=tenant_id, trace=trace_id, node=self.node_id):
-            if not self.tenants.known(tenant_id):
-                await self._refuse(ws, tenant_id, codec.CLOSE_INVALID_TENANT, "invalid tenant")
-                return
-            auth = await self._authenticate(tenant_id, token, device_id, trace_id)
-            if isinstance(auth, str):
-                await self._refuse(ws, tenant_id, codec.CLOSE_AUTH_FAILED, auth)
-                return
-            if self.draining:
-                await self._refuse(ws, tenant_id, codec.CLOSE_DRAINING, "server draining")
-                return
-            transport = request.transport
-            if transport is None:
-                return
-            session = Session(
-                tenant_id=tenant_id,
-                user_id=auth.user_id,
-                device_id=device_id,
-                conn_id=new_trace_id(),
-                trace_id=trace_id,
-                runtime=auth.runtime,
-                v11=v11,
-                transport=transport,
-                loop=asyncio.get_running_loop(),
-                send_limit=self.settings.max_send_buffer_bytes,
-                close_cb=self._close_session,
-            )
-            try:
-                await self._run_session(ws, session)
-                if not ws.closed:
-                    await ws.close()
-            except Exception:
-                # The session was cleaned up by _run_session; tell the client plainly.
-                log.exception("session failed")
-                self.metrics.internal_errors.labels(tenant_id, "session").inc()
-                if not ws.closed:
-                    await ws.close(code=1011, message=b"internal error")
+        # This handler runs in its own task, so the ids stay bound for its lifetime.
+        bind_log_context(tenant=tenant_id, trace=trace_id, node=self.node_id)
+        if not self.tenants.known(tenant_id):
+            await self._refuse(ws, tenant_id, codec.CLOSE_INVALID_TENANT, "invalid tenant")
+            return None
+        auth = await self._authenticate(tenant_id, token, device_id, trace_id)
+        if isinstance(auth, str):
+            await self._refuse(ws, tenant_id, codec.CLOSE_AUTH_FAILED, auth)
+            return None
+        if self.draining:
+            await self._refuse(ws, tenant_id, codec.CLOSE_DRAINING, "server draining")
+            return None
+        transport = request.transport
+        if transport is None:
+            return None
+        return Session(
+            tenant_id=tenant_id,
+            user_id=auth.user_id,
+            device_id=device_id,
+            conn_id=new_trace_id(),
+            trace_id=trace_id,
+            runtime=auth.runtime,
+            v11=v11,
+            transport=transport,
+            loop=asyncio.get_running_loop(),
+            send_limit=self.settings.max_send_buffer_bytes,
+            close_cb=self._close_cb,
+        )
 
     async def _run_session(self, ws: web.WebSocketResponse, session: Session) -> None:
         self._ws[session.conn_id] = ws
@@ -255,7 +261,32 @@ class Gateway:
             self._count_connect(session, +1)
             self._emit_connect(session, hook_pb.CONNECT_ONLINE)
             self.drainer.start(session, "connect")
-            await self._read_loop(ws, session)
+            # Reader (inline: one coroutine frame less per idle connection).
+            pipeline = self.pipeline
+            limit = self.frame_limit
+            async for msg in ws:
+                if msg.type is not WSMsgType.BINARY:
+                    continue  # text frames are discarded and are not activity (section 2.4)
+                try:
+                    frame = codec.decode_client_frame(msg.data, limit)
+                except codec.FrameError as err:
+                    reason = (
+                        "frame_too_large" if err.code == codec.ERROR_FRAME_TOO_LARGE else "invalid"
+                    )
+                    self.metrics.ws_frames_rejected.labels(session.tenant_id, reason).inc()
+                    session.send(codec.error_frame(err.code, err.text))
+                    continue
+                kind = frame.WhichOneof("payload")
+                if kind == "message":
+                    await pipeline.on_message(session, frame.message)
+                elif kind == "heartbeat_ping":
+                    session.touch()
+                    session.send(codec.pong_frame(now_ms()))
+                elif kind == "delivery_ack":
+                    session.touch()  # receipts are activity, and they confirm offline pages
+                    self.drainer.on_receipt(session, frame.delivery_ack)
+                if session.closed:
+                    break
         finally:
             if registered:
                 self.registry.remove(session)
@@ -322,31 +353,6 @@ class Gateway:
         return msg_pb.ServerFrame(connect_ack=ack).SerializeToString()
 
     # -- reader -------------------------------------------------------------------------------
-
-    async def _read_loop(self, ws: web.WebSocketResponse, session: Session) -> None:
-        pipeline = self.pipeline
-        limit = self.frame_limit
-        async for msg in ws:
-            if msg.type is not WSMsgType.BINARY:
-                continue  # text frames are discarded and are not activity (section 2.4)
-            try:
-                frame = codec.decode_client_frame(msg.data, limit)
-            except codec.FrameError as err:
-                reason = "frame_too_large" if err.code == codec.ERROR_FRAME_TOO_LARGE else "invalid"
-                self.metrics.ws_frames_rejected.labels(session.tenant_id, reason).inc()
-                session.send(codec.error_frame(err.code, err.text))
-                continue
-            kind = frame.WhichOneof("payload")
-            if kind == "message":
-                await pipeline.on_message(session, frame.message)
-            elif kind == "heartbeat_ping":
-                session.touch()
-                session.send(codec.pong_frame(now_ms()))
-            elif kind == "delivery_ack":
-                session.touch()  # receipts are activity, and they confirm offline pages
-                self.drainer.on_receipt(session, frame.delivery_ack)
-            if session.closed:
-                break
 
     # -- nudge (protocol.md 9.5) ----------------------------------------------------------
 

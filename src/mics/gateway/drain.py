@@ -177,6 +177,15 @@ class OfflineDrainer:
 
     def start(self, session: Session, trigger: str) -> bool:
         """Start a drain for ``session``, or fold it into the one running; True if new."""
+        if trigger == "connect" and not uses_hook_pull(session):
+            # Nothing to pull: drain the buffer right here, with no task and no state
+            # kept for the connection's lifetime (most of them have nothing to drain).
+            self._m.requests.labels(session.tenant_id, trigger).inc()
+            delivered = self._drain_buffer(session, None)
+            if session.v11:
+                session.send(offline_sync_frame(delivered, True, ""))
+            session.release_held()
+            return True
         state = session.offline
         if not isinstance(state, OfflineState):
             state = OfflineState()
@@ -274,20 +283,24 @@ class OfflineDrainer:
                 self._m.failed.labels(session.tenant_id, "hook_fail").inc()
         if session.closed:
             return DrainOutcome(delivered, False, reason)
-        frames = self._buffer.take(session.tenant_id, session.user_id)
-        buffered = 0
-        for frame in frames:
-            if self._first_time(session, state, frame):
-                session.send(frame)
-                buffered += 1
-        if buffered:
-            self._gm.offline_drained.labels(session.tenant_id, self._node_id).inc(buffered)
+        buffered = self._drain_buffer(session, state)
         return DrainOutcome(delivered + buffered, complete, reason)
 
+    def _drain_buffer(self, session: Session, state: OfflineState | None) -> int:
+        """Push the user's buffered frames; with ``state``, skip what was pulled already."""
+        frames = self._buffer.take(session.tenant_id, session.user_id)
+        sent = 0
+        for frame in frames:
+            if state is None or self._first_time(state, frame):
+                session.send(frame)
+                sent += 1
+        if sent:
+            self._gm.offline_drained.labels(session.tenant_id, self._node_id).inc(sent)
+        return sent
+
     @staticmethod
-    def _first_time(session: Session, state: OfflineState, frame: bytes) -> bool:
-        parsed = msg_pb.ServerFrame.FromString(frame)
-        message = parsed.delivery.message
+    def _first_time(state: OfflineState, frame: bytes) -> bool:
+        message = msg_pb.ServerFrame.FromString(frame).delivery.message
         return state.remember(f"{message.user_id}|{message.msg_id}")
 
     async def _pull(self, session: Session, state: OfflineState) -> tuple[int, bool, str]:

@@ -12,6 +12,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from mics.events.bus import EventBus
 from mics.gateway.dedup import DedupCache
 from mics.gateway.metrics import GatewayMetrics
@@ -22,7 +24,7 @@ from mics.gateway.session import Session
 from mics.gateway.tenants import OfflineMode
 from mics.hooks.client import HookClient, HookOp, HookResult
 from mics.observability.logging import now_ms
-from mics.protocol.codec import ack_frame, delivery_frame
+from mics.protocol.codec import delivery_frame
 from mics.protocol.ids import new_trace_id
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
@@ -49,6 +51,23 @@ class PipelineLimits:
     max_inflight: int
     group_members_max: int
     group_offline_buffer_max: int
+
+
+class _TenantCounters:
+    """The per-message metric children of one tenant, bound once."""
+
+    __slots__ = ("_in", "deliveries_local")
+
+    def __init__(self, metrics: GatewayMetrics, tenant_id: str) -> None:
+        self._in: dict[int, Counter] = {
+            int(msg_type): metrics.messages_in.labels(tenant_id, label)
+            for msg_type, label in TYPE_LABEL.items()
+        }
+        self._in[-1] = metrics.messages_in.labels(tenant_id, "Unknown")
+        self.deliveries_local = metrics.deliveries.labels(tenant_id, "local")
+
+    def messages_in(self, msg_type: int) -> Counter:
+        return self._in.get(msg_type) or self._in[-1]
 
 
 class _Deny:
@@ -84,6 +103,14 @@ class MessagePipeline:
         self._qps = qps
         self._m = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tenant_counters: dict[str, _TenantCounters] = {}
+
+    def _counters(self, tenant_id: str) -> _TenantCounters:
+        # labels() costs a lock and a dict lookup per call; bind the hot children once.
+        counters = self._tenant_counters.get(tenant_id)
+        if counters is None:
+            counters = self._tenant_counters[tenant_id] = _TenantCounters(self._m, tenant_id)
+        return counters
 
     # -- entry point (called by the connection reader, one frame at a time) ---------------
 
@@ -91,7 +118,7 @@ class MessagePipeline:
         session.touch()
         self._normalize(session, req)
         tenant = session.tenant_id
-        self._m.messages_in.labels(tenant, TYPE_LABEL.get(req.msg_type, "Unknown")).inc()
+        self._counters(tenant).messages_in(req.msg_type).inc()
         reason = self._validate(req)
         if reason is not None:
             self._reject(session, req, reason)
@@ -99,7 +126,7 @@ class MessagePipeline:
         key = DedupCache.key(tenant, req.user_id, req.msg_id)
         if not self._dedup.claim(key):
             self._m.dedup_hits.labels(tenant).inc()
-            session.send(ack_frame(_ack(req.msg_id, SENT, "duplicate")))
+            session.send(_ack(req.msg_id, SENT, "duplicate").SerializeToString())
             return
         if session.order_idle and not self._needs_io(session, req):
             await self._process(session, req, key, None, None)
@@ -151,7 +178,7 @@ class MessagePipeline:
     def _reject(self, session: Session, req: msg_pb.MessageRequest, reason: str) -> None:
         self._m.messages_rejected.labels(session.tenant_id, reason).inc()
         self._m.messages_failed.labels(session.tenant_id).inc()
-        session.send(ack_frame(_ack(req.msg_id, FAILED, reason)))
+        session.send(_ack(req.msg_id, FAILED, reason).SerializeToString())
 
     async def _process(
         self,
@@ -177,13 +204,13 @@ class MessagePipeline:
         finally:
             if mine is not None:
                 session.leave_order(mine)
-        if ack.status == FAILED:
+        if ack.ack.status == FAILED:
             self._m.messages_failed.labels(session.tenant_id).inc()
-        session.send(ack_frame(ack))
+        session.send(ack.SerializeToString())
 
     def _fail_before_delivery(
         self, session: Session, req: msg_pb.MessageRequest, key: str, reason: str
-    ) -> msg_pb.MessageAck:
+    ) -> msg_pb.ServerFrame:
         # A message refused before delivery does not consume its id (section 9.7).
         self._dedup.release(key)
         self._m.messages_rejected.labels(session.tenant_id, _reason_label(reason)).inc()
@@ -195,7 +222,7 @@ class MessagePipeline:
         req: msg_pb.MessageRequest,
         key: str,
         prev: asyncio.Future[None] | None,
-    ) -> msg_pb.MessageAck:
+    ) -> msg_pb.ServerFrame:
         runtime = session.runtime
         if not self._qps.allow(session.tenant_id, runtime.tenant_max_message_qps):
             self._m.rate_limited.labels(session.tenant_id, "message_qps").inc()
@@ -229,7 +256,7 @@ class MessagePipeline:
         req: msg_pb.MessageRequest,
         key: str,
         prev: asyncio.Future[None] | None,
-    ) -> msg_pb.MessageAck:
+    ) -> msg_pb.ServerFrame:
         tenant = session.tenant_id
         runtime = session.runtime
         self._m.group_messages.labels(tenant).inc()
@@ -258,7 +285,7 @@ class MessagePipeline:
 
     async def _fan_out(
         self, session: Session, req: msg_pb.MessageRequest, key: str, members: list[str]
-    ) -> msg_pb.MessageAck:
+    ) -> msg_pb.ServerFrame:
         tenant = session.tenant_id
         frame = delivery_frame(req)
         delivered = 0
@@ -306,22 +333,18 @@ class MessagePipeline:
             m.offline_buffered.labels(tenant, "local").inc(buffered)
         if skipped:
             m.group_offline_buffer_skipped.labels(tenant).inc(skipped)
-        ack = msg_pb.MessageAck(
-            msg_id=req.msg_id,
-            timestamp_ms=now_ms(),
-            partial_delivery=skipped > 0,
-            offline_notified_users=notified,
-            offline_buffered_users=buffered,
-            offline_skipped_users=skipped,
-        )
         if delivered or notified or buffered:
-            ack.status = SENT
+            reply = _ack(req.msg_id, SENT, "")
             self._emit(session, hook_pb.GROUP_CHAT_MSG, req, req.to_user_id)
         else:
             self._dedup.release(key)
-            ack.status = FAILED
-            ack.reason = "delivery failed"
-        return ack
+            reply = _ack(req.msg_id, FAILED, "delivery failed")
+        ack = reply.ack
+        ack.partial_delivery = skipped > 0
+        ack.offline_notified_users = notified
+        ack.offline_buffered_users = buffered
+        ack.offline_skipped_users = skipped
+        return reply
 
     # -- delivery helpers ---------------------------------------------------------------
 
@@ -334,7 +357,7 @@ class MessagePipeline:
             if target.deliver(frame):
                 written += 1
         if written:
-            self._m.deliveries.labels(tenant_id, "local").inc(written)
+            self._counters(tenant_id).deliveries_local.inc(written)
         return written > 0
 
     async def _offline_store(
@@ -450,8 +473,15 @@ class MessagePipeline:
             self._events.publish(self._event(session, event_type, req, to_user_id))
 
 
-def _ack(msg_id: str, status: msg_pb.AckStatus, reason: str) -> msg_pb.MessageAck:
-    return msg_pb.MessageAck(msg_id=msg_id, status=status, timestamp_ms=now_ms(), reason=reason)
+def _ack(msg_id: str, status: msg_pb.AckStatus, reason: str) -> msg_pb.ServerFrame:
+    """A ServerFrame carrying the ack, filled in place (no copy when serialized)."""
+    frame = msg_pb.ServerFrame()
+    ack = frame.ack
+    ack.msg_id = msg_id
+    ack.status = status
+    ack.timestamp_ms = now_ms()
+    ack.reason = reason
+    return frame
 
 
 def _reason_label(reason: str) -> str:

@@ -26,6 +26,7 @@ _CONTEXT = (
     ("trace_id", trace_var),
     ("msg_id", msg_var),
 )
+_VARS = {"tenant": tenant_var, "trace": trace_var, "msg": msg_var, "node": node_var}
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -64,13 +65,23 @@ def log_context(**ids: str) -> Iterator[None]:
     """Bind ids (tenant, trace, msg, node) for the duration of a block."""
     tokens = []
     for key, value in ids.items():
-        var = {"tenant": tenant_var, "trace": trace_var, "msg": msg_var, "node": node_var}[key]
+        var = _VARS[key]
         tokens.append((var, var.set(value)))
     try:
         yield
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
+
+
+def bind_log_context(**ids: str) -> None:
+    """Bind ids for the rest of the current task (each task has its own context copy).
+
+    Cheaper than `log_context` for a task that lives as long as what it logs about,
+    such as a connection handler: no tokens to keep, nothing to reset.
+    """
+    for key, value in ids.items():
+        _VARS[key].set(value)
 
 
 def now_ms() -> int:
