@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mics.protocol import codec
 from mics.protocol.codec import (
     ERROR_FRAME_TOO_LARGE,
     ERROR_INVALID_PROTOBUF,
@@ -560,3 +561,26 @@ def test_ws_binary_header(length: int, expected_hex: str) -> None:
     # FIN set, RSV clear, opcode 2 (binary); MASK clear (server to client).
     assert header[0] == 0b1000_0010
     assert header[1] & 0x80 == 0
+
+
+@given(
+    body=st.binary(max_size=70_000),
+    msg_id=st.text(max_size=200),
+    cursor=st.text(max_size=300),
+)
+def test_hand_built_delivery_frame_equals_protobufs_encoding(
+    body: bytes, msg_id: str, cursor: str
+) -> None:
+    message = msg_pb.MessageRequest(tenant_id="t1", user_id="u1", msg_id=msg_id, msg_body=body)
+    expected = msg_pb.ServerFrame(
+        delivery=msg_pb.MessageDelivery(message=message, offline_cursor=cursor)
+    ).SerializeToString()
+    assert codec.delivery_frame(message, cursor) == expected
+
+
+@given(msg_id=st.text(max_size=100), status=st.sampled_from([0, 1]), reason=st.text(max_size=50))
+def test_simple_ack_frame_equals_protobufs_encoding(msg_id: str, status: int, reason: str) -> None:
+    expected = msg_pb.ServerFrame(
+        ack=msg_pb.MessageAck(msg_id=msg_id, status=status, timestamp_ms=5, reason=reason)  # type: ignore[arg-type]
+    ).SerializeToString()
+    assert codec.simple_ack_frame(msg_id, status, reason, 5) == expected
