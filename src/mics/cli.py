@@ -20,6 +20,9 @@ def dev(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
     backend_port: Annotated[int, typer.Option(help="Reference backend port")] = 8090,
+    data_dir: Annotated[
+        str, typer.Option(help="Directory of the offline store; '' for a temporary one")
+    ] = ".mics-dev",
     log_level: Annotated[str, typer.Option(help="Log level")] = "WARNING",
 ) -> None:
     """Run the whole system on this machine with embedded defaults."""
@@ -28,7 +31,9 @@ def dev(
     setup_logging(log_level)
 
     async def main() -> None:
-        stack = DevStack(DevOptions(host=host, gateway_port=port, backend_port=backend_port))
+        stack = DevStack(
+            DevOptions(host=host, gateway_port=port, backend_port=backend_port, data_dir=data_dir)
+        )
         await stack.start()
         print(stack.banner(), flush=True)
         try:

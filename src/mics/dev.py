@@ -1,14 +1,20 @@
 """`mics dev`: the whole system on one machine, no outside services.
 
 Starts the reference backend with the demo tenant and a gateway pointed at it, in one
-process and one event loop, and prints how to connect. Embedded defaults: the in-memory
-route table, no Kafka (events off until the in-process bus lands), the in-memory buffer.
+process and one event loop, and prints how to connect. Embedded defaults stand in for
+the production parts: the in-process event bus for Kafka (the gateway's events go
+straight to the backend's offline store), SQLite for PostgreSQL, the in-memory route
+table for Redis. The offline path is the real one: a message to an offline user
+becomes an OFFLINE_MESSAGE event, the backend stores it, and the user's next connect
+pulls it through the signed get-offline-messages hook.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from mics.backend.app import BackendServer
 from mics.backend.demo import (
@@ -31,6 +37,8 @@ class DevOptions:
     gateway_port: int = 8080
     backend_port: int = 8090
     node_id: str = "dev-node-1"
+    # Where the offline store (SQLite) lives; "" keeps it in a temporary directory.
+    data_dir: str = ".mics-dev"
 
 
 class DevStack:
@@ -38,7 +46,18 @@ class DevStack:
 
     def __init__(self, options: DevOptions, **gateway_overrides: object) -> None:
         self.options = options
-        self.backend = BackendServer(demo_config(port=options.backend_port))
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        data_dir = options.data_dir
+        if not data_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mics-dev-")
+            data_dir = self._tmp.name
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.database_path = Path(data_dir) / "offline.db"
+        self.backend = BackendServer(
+            demo_config(
+                port=options.backend_port, database_url=f"sqlite+aiosqlite:///{self.database_path}"
+            )
+        )
         self._gateway_overrides = gateway_overrides
         self.gateway: GatewayServer | None = None
 
@@ -54,16 +73,24 @@ class DevStack:
             # A laptop running everything (and an editor, and a browser) is no production
             # box: allow hooks a second rather than the production 150 ms.
             "hook_timeout_ms": 1000,
+            "event_bus": "inprocess",
         }
         values.update(self._gateway_overrides)
         settings = GatewaySettings.model_validate(values)
         self.gateway = GatewayServer(settings)
+        # The in-process bus delivers the gateway's events to the backend's store, as a
+        # Kafka consumer would; the backend nudges the gateway after storing.
+        assert self.gateway.inprocess is not None
+        self.gateway.inprocess.subscribe(self.backend.event_subscriber)
         await self.gateway.start()
+        self.backend.state.nudger.set_gateway_urls([self.gateway.url])
 
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
         await self.backend.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def banner(self) -> str:
         assert self.gateway is not None
@@ -77,8 +104,11 @@ class DevStack:
         ]
         for user in DEMO_USERS[:2]:
             lines.append(f"  {ws}?tenantId={DEMO_TENANT}&token={demo_token(user)}&deviceId=web-1")
-        lines.append(
-            "Try it:  mics chat --as alice --to bob   (in one terminal)  and"
-            "  mics chat --as bob   (in another)"
-        )
+        lines += [
+            f"  offline store: {self.database_path}",
+            "Try it:  mics chat --as bob              (one terminal: bob listens)",
+            "         mics chat --as alice --to bob   (another: type lines, bob sees them)",
+            "Offline: mics chat --as alice --to carol (carol is offline: stored by the backend)",
+            "         mics chat --as carol            (carol connects and gets her backlog)",
+        ]
         return "\n".join(lines)

@@ -29,6 +29,8 @@ async def test_mics_dev_runs_the_system_and_stops_on_ctrl_c() -> None:
         str(port),
         "--backend-port",
         str(backend_port),
+        "--data-dir",
+        "",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -60,6 +62,25 @@ async def test_mics_dev_runs_the_system_and_stops_on_ctrl_c() -> None:
         assert ack.status == msg_pb.SENT
         got = await bob.next_delivery(timeout=10)
         assert got.msg_body == b"hello from the dev stack"
+        # The offline path end to end: carol is offline, the backend stores the message
+        # from the in-process event bus, and carol's connect pulls it.
+        ack = await alice.send_single("carol", b"stored for carol", msg_id="dev-offline-1")
+        assert (ack.status, ack.reason) == (msg_pb.SENT, "user_offline")
+        carol = MicsClient(
+            ClientOptions(
+                url=base, tenant_id="demo", token="carol-token", device_id="t", reconnect=False
+            )
+        )
+        await carol.connect()
+        clients.append(carol)
+        backlog = await carol.next_delivery(timeout=10)
+        assert (backlog.msg_id, backlog.user_id, backlog.msg_body) == (
+            "dev-offline-1",
+            "alice",
+            b"stored for carol",
+        )
+        sync = await carol.next_offline_sync(timeout=10)
+        assert (sync.delivered, sync.complete) == (1, True)
         for client in clients:
             await client.close()
         proc.send_signal(signal.SIGINT)

@@ -16,20 +16,30 @@ def demo_token(user_id: str) -> str:
     return f"{user_id}-token"
 
 
-def demo_config(port: int = 0, secret: str = DEMO_SECRET) -> BackendConfig:
+def demo_config(
+    port: int = 0,
+    secret: str = DEMO_SECRET,
+    *,
+    offline_mode: str = "notify_pull",
+    database_url: str = "",
+) -> BackendConfig:
     """Tenant ``demo``: alice, bob and carol (tokens ``<user>-token``), all in ``friends``.
 
-    Signing is required, the heartbeat timeout is 30 s, offline mode ``legacy``, and
-    messages containing ``forbidden`` are denied. Listens on 127.0.0.1 (``port`` 0 picks
-    a free port), so the admin API is available without a token.
+    Signing is required, the heartbeat timeout is 30 s, messages containing
+    ``forbidden`` are denied, and offline messages take the notify-pull path (events to
+    the offline store, pulled on connect) unless ``offline_mode`` says otherwise.
+    Listens on 127.0.0.1 (``port`` 0 picks a free port), so the admin API is available
+    without a token.
     """
     tenant = TenantConfig(
         secret=secret,
         sign_required=True,
         heartbeat_timeout_seconds=30,
-        offline_mode="legacy",
+        offline_mode=offline_mode,
         users={user: UserConfig(tokens=[demo_token(user)]) for user in DEMO_USERS},
         groups={DEMO_GROUP: list(DEMO_USERS)},
         blocked_words=[DEMO_BLOCKED_WORD],
     )
-    return BackendConfig(host="127.0.0.1", port=port, tenants={DEMO_TENANT: tenant})
+    return BackendConfig(
+        host="127.0.0.1", port=port, database_url=database_url, tenants={DEMO_TENANT: tenant}
+    )

@@ -89,6 +89,12 @@ class Nudger:
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
 
+    def set_gateway_urls(self, gateway_urls: list[str]) -> None:
+        """Point the nudges at other gateways (for embedding, where a gateway's port is
+        known only after the backend started)."""
+        self.urls = [url.rstrip("/") for url in gateway_urls]
+        self._next_url = itertools.cycle(range(len(self.urls))) if self.urls else None
+
     @property
     def enabled(self) -> bool:
         return bool(self.urls)
