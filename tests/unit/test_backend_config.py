@@ -193,6 +193,6 @@ def test_demo_config() -> None:
     }
     assert demo.groups == {"friends": ["alice", "bob", "carol"]}
     assert demo.heartbeat_timeout_seconds == 30
-    assert demo.offline_mode == "legacy"
+    assert demo.offline_mode == "notify_pull"
     assert demo.blocked_words == ["forbidden"]
     assert demo_config().tenants["demo"].secret == "dev-secret-demo"
