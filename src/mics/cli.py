@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mics.observability.logging import setup_logging
 from mics.runtime import run, wait_for_stop_signal
+
+if TYPE_CHECKING:
+    from mics.backend.config import BackendConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MICS messaging gateway")
 
@@ -76,27 +80,41 @@ def gateway(
     run(main)
 
 
-@app.command()
-def backend(
-    config: Annotated[Path | None, typer.Option(help="TOML or JSON config file")] = None,
-    demo: Annotated[bool, typer.Option(help="Serve the demo tenant")] = False,
-    port: Annotated[int | None, typer.Option(help="Listen port")] = None,
-    log_level: Annotated[str, typer.Option(help="Log level")] = "INFO",
-) -> None:
-    """Run the reference tenant backend (hook server)."""
-    from mics.backend.app import BackendServer
+backend_app = typer.Typer(no_args_is_help=False, help="The reference tenant backend and its jobs")
+app.add_typer(backend_app, name="backend")
+
+ConfigOption = Annotated[Path | None, typer.Option(help="TOML or JSON config file")]
+
+
+def _load_backend_config(config: Path | None, demo: bool) -> BackendConfig:
     from mics.backend.config import ConfigError, load_config
     from mics.backend.demo import demo_config
 
-    setup_logging(log_level)
     if config is None and not demo:
         typer.echo("give --config FILE or --demo", err=True)
         raise typer.Exit(2)
     try:
-        cfg = load_config(config) if config is not None else demo_config(port=8090)
+        return load_config(config) if config is not None else demo_config(port=8090)
     except (ConfigError, OSError) as exc:
         typer.echo(f"invalid backend configuration: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+@backend_app.callback(invoke_without_command=True)
+def backend(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    demo: Annotated[bool, typer.Option(help="Serve the demo tenant")] = False,
+    port: Annotated[int | None, typer.Option(help="Listen port")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level")] = "INFO",
+) -> None:
+    """Run the reference tenant backend: hooks, offline consumer and store, jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mics.backend.app import BackendServer
+
+    setup_logging(log_level)
+    cfg = _load_backend_config(config, demo)
     if port is not None:
         cfg = cfg.model_copy(update={"port": port})
 
@@ -109,6 +127,48 @@ def backend(
             await server.stop()
 
     run(main)
+
+
+@backend_app.command()
+def migrate(config: ConfigOption = None, revision: str = "head") -> None:
+    """Create or upgrade the offline store's schema (Alembic migrations)."""
+    from mics.backend.store.engine import migrate_sync
+
+    setup_logging("INFO")
+    cfg = _load_backend_config(config, demo=False)
+    migrate_sync(cfg.database_url, revision)
+    typer.echo(f"offline store at {revision}")
+
+
+@backend_app.command()
+def cleanup(
+    config: ConfigOption = None,
+    days: Annotated[int | None, typer.Option(help="Delete delivered rows older than this")] = None,
+) -> None:
+    """Delete delivered offline messages older than the retention, in batches."""
+    from mics.backend.jobs import run_cleanup
+
+    setup_logging("INFO")
+    cfg = _load_backend_config(config, demo=False)
+    deleted = asyncio.run(run_cleanup(cfg.database_url, days or cfg.retention_days))
+    typer.echo(f"deleted {deleted} delivered rows")
+
+
+@backend_app.command()
+def reconcile(
+    config: ConfigOption = None,
+    day: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: yesterday, UTC)")] = None,
+) -> None:
+    """Compare events consumed with rows stored for one day; exit 1 past 1% apart."""
+    from mics.backend.jobs import run_reconcile
+
+    setup_logging("INFO")
+    cfg = _load_backend_config(config, demo=False)
+    results = asyncio.run(run_reconcile(cfg.database_url, day))
+    for result in results:
+        typer.echo(json.dumps(result.as_dict(), default=str))
+    if any(result.alert for result in results):
+        raise typer.Exit(1)
 
 
 @app.command()
