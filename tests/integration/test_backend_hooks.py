@@ -151,7 +151,8 @@ async def test_auth_ok(server: BackendServer, http: aiohttp.ClientSession) -> No
     assert config.heartbeat_timeout_seconds == 30
     assert config.offline_buffer_ttl_seconds == 300
     assert config.tenant_secret == SECRET
-    assert config.offline_mode == "legacy"
+    assert config.offline_mode == "notify_pull"
+    assert config.offline_use_hook_pull  # for v1 gateways
     assert config.HasField("hook_sign_required")
     assert config.hook_sign_required
     assert not config.HasField("hook_max_concurrency")
