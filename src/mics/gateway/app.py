@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from mics.cluster.forwarding import NodeClient
 from mics.cluster.routes import MemoryRouteTable, RouteTable
 from mics.events.bus import EventBus
 from mics.events.inprocess import InProcessTransport
@@ -21,6 +23,9 @@ from mics.gateway.core import Gateway
 from mics.gateway.nudge import NudgeEndpoint
 from mics.gateway.wiring import build_event_bus, kafka_settings
 from mics.observability.metrics import CONTENT_TYPE, MetricsRegistry
+
+if TYPE_CHECKING:
+    from mics.gateway.membership import ClusterMembership
 
 log = logging.getLogger("mics.gateway")
 
@@ -55,6 +60,42 @@ def create_gateway_app(gateway: Gateway) -> web.Application:
     return app
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_membership(settings: GatewaySettings, registry: MetricsRegistry) -> ClusterMembership:
+    """The Redis route table, node directory and peer client of a clustered node."""
+    from redis.asyncio import Redis
+
+    from mics.cluster.redis_routes import RedisRouteTable
+    from mics.gateway.membership import ClusterMembership
+
+    redis = Redis.from_url(
+        settings.redis_connection
+        if "://" in settings.redis_connection
+        else f"redis://{settings.redis_connection}",
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+    )
+    routes = RedisRouteTable(
+        redis,
+        node_id=settings.node_id,
+        endpoint=settings.endpoint,
+        lease_ttl_s=settings.route_lease_ttl_seconds or 30.0,
+        chunk_size=settings.group_route_chunk_size,
+    )
+    forwarder = NodeClient(
+        registry,
+        token=settings.cluster_grpc_token,
+        breaker_failure_threshold=settings.grpc_breaker_failure_threshold,
+        breaker_open_ms=settings.grpc_breaker_open_ms,
+    )
+    return ClusterMembership(settings, redis, routes, forwarder)
+
+
 class GatewayServer:
     """A gateway listening on a port (0 picks a free one); start/stop for embedding."""
 
@@ -65,16 +106,26 @@ class GatewayServer:
         routes: RouteTable | None = None,
         events: EventBus | None = None,
     ) -> None:
+        if settings.redis_connection and not settings.resolved_grpc_port:
+            # Peers must learn the real node-service port before we register anywhere.
+            settings = settings.model_copy(update={"grpc_port": _free_port(settings.grpc_host)})
         self.settings = settings
         registry = MetricsRegistry()
         self.inprocess: InProcessTransport | None = None
         if events is None:
             events, self.inprocess = build_event_bus(settings, registry)
+        self.membership: ClusterMembership | None = None
+        forwarder: NodeClient | None = None
+        if routes is None and settings.redis_connection:
+            self.membership = build_membership(settings, registry)
+            routes = self.membership.routes
+            forwarder = self.membership.forwarder
         self.gateway = Gateway(
             settings,
             routes=routes or MemoryRouteTable(),
             events=events,
             metrics=registry,
+            forwarder=forwarder,
         )
         self._runner: web.AppRunner | None = None
         self._port = settings.port
@@ -83,6 +134,11 @@ class GatewayServer:
         if self.settings.resolved_event_bus == "kafka" and self.settings.kafka_provision_topics:
             await self._provision_topics()
         await self.gateway.start()
+        if self.membership is not None:
+            await self.membership.start(self.gateway)
+            self.gateway.cluster_healthy = lambda: (
+                self.membership is not None and (self.membership.healthy)
+            )
         app = create_gateway_app(self.gateway)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -128,6 +184,9 @@ class GatewayServer:
     async def stop(self) -> None:
         """Graceful: readiness off, sessions closed with 4200, events flushed."""
         await self.gateway.shutdown()
+        if self.membership is not None:
+            await self.membership.stop()
+            self.membership = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -80,6 +80,26 @@ class GatewaySettings(BaseSettings):
     # Longest the sender's ack waits for the broker to confirm an OFFLINE_MESSAGE.
     offline_notify_wait_ms: int = 200
 
+    # Cluster (protocol.md 7 and 8). An empty REDIS__CONNECTION keeps the node alone
+    # with the in-memory route table.
+    redis_connection: str = Field(
+        default="",
+        validation_alias=AliasChoices("redis__connection", "redis_connection"),
+    )
+    # The node service (gRPC) listens here; PUBLIC_ENDPOINT must reach it.
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 0  # 0: PORT + 1
+    cluster_grpc_token: str = ""
+    grpc_breaker_failure_threshold: int = 5
+    grpc_breaker_open_ms: int = 5000
+    node_ttl_seconds: float = 30.0
+    node_refresh_seconds: float = 10.0
+    node_snapshot_seconds: float = 3.0
+    node_cleanup_seconds: float = 5.0
+    # 0: derived from the tenant heartbeat timeout as the protocol says.
+    route_lease_ttl_seconds: float = 0.0
+    route_renew_interval_seconds: float = 0.0
+
     heartbeat_sweep_interval_seconds: float = 5.0
     drain_timeout_seconds: int = 10
     log_level: str = "INFO"
@@ -189,8 +209,13 @@ class GatewaySettings(BaseSettings):
         return self
 
     @property
+    def resolved_grpc_port(self) -> int:
+        return self.grpc_port or (self.port + 1 if self.port else 0)
+
+    @property
     def endpoint(self) -> str:
-        return self.public_endpoint or f"http://localhost:{self.port}"
+        """What peers dial for the node service."""
+        return self.public_endpoint or f"http://localhost:{self.resolved_grpc_port}"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
 
-from mics.cluster.routes import AdmissionLimits, AdmissionResult, Route, RouteTable
+from mics.cluster.forwarding import NodeClient
+from mics.cluster.redis_routes import RouteTableUnavailable
+from mics.cluster.routes import Admission, AdmissionLimits, AdmissionResult, Route, RouteTable
 from mics.events.bus import EventBus
 from mics.gateway.config import GatewaySettings
 from mics.gateway.dedup import DedupCache
@@ -24,6 +27,7 @@ from mics.gateway.offline import LegacyBuffer, OfflineDelivery
 from mics.gateway.pipeline import MessagePipeline, PipelineLimits
 from mics.gateway.ratelimit import TenantQpsLimiter
 from mics.gateway.registry import SessionRegistry
+from mics.gateway.routing import Router
 from mics.gateway.session import Session
 from mics.gateway.tenants import TenantDirectory, TenantRuntime
 from mics.hooks.client import HookClient, HookOp, HookResult
@@ -61,6 +65,7 @@ class Gateway:
         routes: RouteTable,
         events: EventBus,
         metrics: MetricsRegistry | None = None,
+        forwarder: NodeClient | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -102,7 +107,14 @@ class Gateway:
                 group_members_max=settings.group_members_max_users,
                 group_offline_buffer_max=settings.group_offline_buffer_max_users,
             ),
-            registry=self.registry,
+            router=Router(
+                node_id=self.node_id,
+                registry=self.registry,
+                routes=routes,
+                forwarder=forwarder,
+                metrics=self.metrics,
+                chunk_size=settings.group_route_chunk_size,
+            ),
             hooks=self.hooks,
             events=events,
             offline=self.offline,
@@ -120,6 +132,11 @@ class Gateway:
         self._close_tasks: set[asyncio.Task[object]] = set()
         self._ws: dict[str, web.WebSocketResponse] = {}
         self._close_cb = self._close_session  # one bound method shared by all sessions
+        self._forwarder = forwarder
+        # Set by the cluster membership: is Redis answering?
+        self.cluster_healthy: Callable[[], bool] | None = None
+        # A retried forward must not deliver twice (protocol.md 7).
+        self._forwarded = DedupCache(ttl_s=60, max_entries=200_000)
         self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -133,7 +150,10 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self._started and not self.draining
+        """Serving and, in a cluster, able to reach the route table."""
+        if not self._started or self.draining:
+            return False
+        return self.cluster_healthy is None or self.cluster_healthy()
 
     async def shutdown(self) -> None:
         """Readiness off, close every session with 4200, flush events; bounded in time."""
@@ -248,7 +268,13 @@ class Gateway:
                 # Same device again: the new connection wins (section 9.9 takeover).
                 self.metrics.ws_takeovers.labels(session.tenant_id).inc()
                 previous.close(codec.CLOSE_REPLACED, "replaced")
-            admission = await self.routes.admit(self._route(session), self._limits(session))
+            try:
+                admission = await self.routes.admit(self.route_of(session), self.limits_of(session))
+            except RouteTableUnavailable:
+                # Redis is down: serve the connection locally; the lease renewal
+                # registers it once Redis is back. Readiness is already off.
+                log.warning("route table unavailable: session served locally only")
+                admission = Admission(AdmissionResult.ADMITTED)
             if admission.result is AdmissionResult.DENIED:
                 self.metrics.rate_limited.labels(session.tenant_id, "connection_limit").inc()
                 self.registry.remove(session)
@@ -329,13 +355,13 @@ class Gateway:
             return "invalid user id"
         return AuthOk(user_id, self.tenants.runtime_from_auth(tenant_id, response.config))
 
-    def _route(self, session: Session) -> Route:
+    def route_of(self, session: Session) -> Route:
         return Route(
             session.tenant_id, session.user_id, session.device_id, self.node_id, session.conn_id
         )
 
     @staticmethod
-    def _limits(session: Session) -> AdmissionLimits:
+    def limits_of(session: Session) -> AdmissionLimits:
         return AdmissionLimits(
             session.runtime.tenant_max_connections, session.runtime.user_max_connections
         )
@@ -368,6 +394,62 @@ class Gateway:
                 count += 1
         return count
 
+    async def nudge_everywhere(self, tenant_id: str, user_id: str) -> int:
+        """Re-drain the user's connections on this node and, in a cluster, on the
+        other nodes holding a route of the user (PullOffline)."""
+        count = self.nudge(tenant_id, user_id)
+        if self.routes.local_only or self._forwarder is None:
+            return count
+        try:
+            routes = await self.routes.lookup(tenant_id, user_id)
+        except Exception:
+            log.warning("route lookup failed for a nudge; local connections only")
+            return count
+        peers = {r.node_id: getattr(r, "endpoint", "") for r in routes if r.node_id != self.node_id}
+        forwarder = self._forwarder
+        results = await asyncio.gather(
+            *(
+                forwarder.pull_offline(
+                    node_id=node,
+                    endpoint=endpoint,
+                    tenant_id=tenant_id,
+                    user_id=user_id,
+                    trace_id="",
+                )
+                for node, endpoint in peers.items()
+                if endpoint
+            )
+        )
+        return count + sum(results)
+
+    # -- the node service's side (mics.cluster.forwarding.LocalNode) -----------------------
+
+    def deliver_forwarded(
+        self, tenant_id: str, to_user_ids: Sequence[str], message: msg_pb.MessageRequest, via: str
+    ) -> list[str]:
+        frame = codec.delivery_frame(message)
+        missing: list[str] = []
+        written_total = 0
+        for user in to_user_ids:
+            key = f"{tenant_id}|{message.user_id}|{message.msg_id}|{user}"
+            if not self._forwarded.claim(key):
+                continue  # a retry of a forward this node already delivered
+            written = self.pipeline.router.deliver_local(tenant_id, user, frame)
+            if written:
+                written_total += written
+            else:
+                self._forwarded.release(key)
+                missing.append(user)
+        if written_total:
+            self.metrics.deliveries.labels(tenant_id, via).inc(written_total)
+        return missing
+
+    def buffer_put(self, tenant_id: str, user_id: str, frame: bytes, ttl_s: int) -> bool:
+        return self.buffer.put(tenant_id, user_id, frame, ttl_s)
+
+    def buffer_take(self, tenant_id: str, user_id: str) -> list[bytes]:
+        return self.buffer.take(tenant_id, user_id)
+
     def nudge_secrets(self, tenant_id: str) -> list[str]:
         """Keys a nudge may be signed with: the configured one, and the latest /auth one."""
         keys = [self.tenants.hook_secret(tenant_id)]
@@ -394,7 +476,7 @@ class Gateway:
 
     async def _remove_route(self, session: Session) -> None:
         try:
-            await self.routes.remove(self._route(session))
+            await self.routes.remove(self.route_of(session))
         except Exception:
             # The route expires with its lease; a failed removal must not break cleanup.
             log.exception("route removal failed")

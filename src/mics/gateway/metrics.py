@@ -50,6 +50,9 @@ class GatewayMetrics:
         self.group_members_over_limit = r.counter(
             "mics_group_members_over_limit", "Groups over GROUP_MEMBERS_MAX_USERS", ("tenant",)
         )
+        self.group_fanout_nodes = r.counter(
+            "mics_group_fanout_nodes", "Peer nodes a group message was forwarded to", ("tenant",)
+        )
         self.group_offline_notified = r.counter(
             "mics_group_offline_notified", "Offline group members notified", ("tenant",)
         )

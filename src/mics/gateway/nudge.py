@@ -68,7 +68,7 @@ class NudgeEndpoint:
         if self._replay.check(tenant, nudge.meta.request_id, nudge.meta.timestamp_ms):
             self._requests.labels(tenant, "stale").inc()
             return _answer(401, False, "stale request")
-        connections = gateway.nudge(tenant, nudge.user_id)
+        connections = await gateway.nudge_everywhere(tenant, nudge.user_id)
         self._requests.labels(tenant, "ok").inc()
         return _answer(200, True, connections=connections)
 

@@ -19,7 +19,7 @@ from mics.gateway.dedup import DedupCache
 from mics.gateway.metrics import GatewayMetrics
 from mics.gateway.offline import OfflineDelivery, OfflineResult
 from mics.gateway.ratelimit import TenantQpsLimiter
-from mics.gateway.registry import SessionRegistry
+from mics.gateway.routing import Router
 from mics.gateway.session import Session
 from mics.gateway.tenants import OfflineMode
 from mics.hooks.client import HookClient, HookOp, HookResult
@@ -85,7 +85,7 @@ class MessagePipeline:
         *,
         node_id: str,
         limits: PipelineLimits,
-        registry: SessionRegistry,
+        router: Router,
         hooks: HookClient,
         events: EventBus,
         offline: OfflineDelivery,
@@ -95,7 +95,8 @@ class MessagePipeline:
     ) -> None:
         self._node_id = node_id
         self._limits = limits
-        self._registry = registry
+        self._router = router
+        self.router = router
         self._hooks = hooks
         self._events = events
         self._offline = offline
@@ -172,6 +173,8 @@ class MessagePipeline:
     def _needs_io(self, session: Session, req: msg_pb.MessageRequest) -> bool:
         if req.msg_type != msg_pb.SINGLE_CHAT or session.runtime.hook_base_url:
             return True
+        if not self._router.local_only:
+            return True  # route lookups and forwards
         # A notify_pull offline recipient waits (bounded) for the broker's confirmation.
         return self._events.enabled and session.runtime.offline_mode is not OfflineMode.LEGACY
 
@@ -234,7 +237,13 @@ class MessagePipeline:
         if prev is not None and not prev.done():
             await prev
         frame = delivery_frame(req)
-        if self._deliver_local(session.tenant_id, req.to_user_id, frame):
+        if self._router.local_only:
+            offline = not self._deliver_local(session.tenant_id, req.to_user_id, frame)
+        else:
+            reach = await self._router.deliver(session.tenant_id, [req.to_user_id], frame, req)
+            self._count_local(session.tenant_id, reach.local)
+            offline = bool(reach.offline)
+        if not offline:
             reason = ""
         else:
             result = await self._offline_store(session, req, req.to_user_id, frame)
@@ -290,11 +299,19 @@ class MessagePipeline:
         frame = delivery_frame(req)
         delivered = 0
         offline_members: list[str] = []
-        for member in members:
-            if self._deliver_local(tenant, member, frame):
-                delivered += 1
-            else:
-                offline_members.append(member)
+        if self._router.local_only:
+            for member in members:
+                if self._deliver_local(tenant, member, frame):
+                    delivered += 1
+                else:
+                    offline_members.append(member)
+        else:
+            reach = await self._router.deliver(tenant, members, frame, req)
+            self._count_local(tenant, reach.local)
+            delivered = reach.delivered
+            offline_members = reach.offline
+            if reach.nodes:
+                self._m.group_fanout_nodes.labels(tenant).inc(reach.nodes)
         notified = buffered = skipped = 0
         buffer_room = self._limits.group_offline_buffer_max
         results: list[OfflineResult] = []
@@ -349,16 +366,14 @@ class MessagePipeline:
     # -- delivery helpers ---------------------------------------------------------------
 
     def _deliver_local(self, tenant_id: str, user_id: str, frame: bytes) -> bool:
-        devices = self._registry.devices(tenant_id, user_id)
-        if not devices:
-            return False
-        written = 0
-        for target in list(devices.values()):
-            if target.deliver(frame):
-                written += 1
+        written = self._router.deliver_local(tenant_id, user_id, frame)
         if written:
             self._counters(tenant_id).deliveries_local.inc(written)
         return written > 0
+
+    def _count_local(self, tenant_id: str, delivered: int) -> None:
+        if delivered:
+            self._counters(tenant_id).deliveries_local.inc(delivered)
 
     async def _offline_store(
         self,

@@ -1,0 +1,153 @@
+"""The gateway as a member of a Redis-backed cluster.
+
+Runs the node service (gRPC) that peers forward to, the node directory (heartbeats,
+live-node snapshot, dead-node cleanup), and the lease renewal of this node's routes.
+Renewal is also how a takeover elsewhere reaches us: a route that no longer names our
+connection was replaced by the same device on another node, and its old session is
+closed with 4409; a route that vanished (Redis restarted and lost it) is admitted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from grpc import aio
+from redis.asyncio import Redis
+
+from mics.cluster.forwarding import NodeClient, NodeService, start_node_server
+from mics.cluster.nodes import NodeDirectory
+from mics.cluster.redis_routes import (
+    RedisRouteTable,
+    RouteTableUnavailable,
+    lease_ttl_for,
+    renew_interval_for,
+)
+from mics.cluster.routes import AdmissionResult, Route
+from mics.gateway.config import GatewaySettings
+from mics.gateway.core import Gateway
+from mics.protocol import codec
+
+log = logging.getLogger("mics.gateway.membership")
+
+
+class ClusterMembership:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        redis: Redis,
+        routes: RedisRouteTable,
+        forwarder: NodeClient,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self.routes = routes
+        self.forwarder = forwarder
+        self.directory = NodeDirectory(
+            redis,
+            settings.node_id,
+            settings.endpoint,
+            ttl_s=settings.node_ttl_seconds,
+            refresh_s=settings.node_refresh_seconds,
+            snapshot_s=settings.node_snapshot_seconds,
+            cleanup_s=settings.node_cleanup_seconds,
+        )
+        self._gateway: Gateway | None = None
+        self._server: aio.Server | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self.grpc_port = 0
+        self._last_ok = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """Redis answered within a node TTL: routing across the cluster works."""
+        return time.monotonic() - self._last_ok < self._settings.node_ttl_seconds
+
+    async def start(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        service = NodeService(
+            gateway, gateway.metrics_registry, token=self._settings.cluster_grpc_token
+        )
+        self._server, self.grpc_port = await start_node_server(
+            service, self._settings.grpc_host, self._settings.resolved_grpc_port
+        )
+        try:
+            await self.directory.heartbeat()
+            self._last_ok = time.monotonic()
+        except Exception:
+            log.warning("Redis unreachable at startup; serving local connections only")
+        await self.directory.start()
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        log.info("cluster member", extra={"grpc_port": self.grpc_port})
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        try:
+            await self.directory.deregister()
+        except Exception:
+            log.warning("could not deregister from Redis; peers will clean up after the TTL")
+        await self.directory.stop()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        await self.forwarder.close()
+        await self._redis.aclose()
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _interval(self) -> float:
+        if self._settings.route_renew_interval_seconds > 0:
+            return self._settings.route_renew_interval_seconds
+        return renew_interval_for(30.0)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval())
+            try:
+                await self.renew_once()
+            except Exception:
+                log.exception("lease renewal failed")
+
+    async def renew_once(self) -> None:
+        gateway = self._gateway
+        assert gateway is not None
+        sessions = {s.conn_id: s for s in gateway.registry if not s.closed}
+        if not sessions:
+            self._last_ok = time.monotonic()
+            return
+        routes = [gateway.route_of(s) for s in sessions.values()]
+        result = await self.routes.renew(routes, lease_ttl_s=self.lease_ttl())
+        if not result.failed:
+            self._last_ok = time.monotonic()
+        for route in result.lost:
+            session = sessions.get(route.conn_id)
+            if session is not None:
+                await self._reconcile_lost(gateway, route, session)
+
+    async def _reconcile_lost(self, gateway: Gateway, route: Route, session: object) -> None:
+        from mics.gateway.session import Session
+
+        assert isinstance(session, Session)
+        try:
+            current = await self.routes.lookup(route.tenant_id, route.user_id)
+        except RouteTableUnavailable:
+            return
+        mine = [r for r in current if r.device_id == route.device_id]
+        if mine and (mine[0].node_id, mine[0].conn_id) != (route.node_id, route.conn_id):
+            # The same device connected elsewhere: the newer connection wins (9.9).
+            gateway.metrics.ws_takeovers.labels(route.tenant_id).inc()
+            session.close(codec.CLOSE_REPLACED, "replaced")
+            return
+        # Gone (Redis lost it, or it expired): register the live session again.
+        admission = await self.routes.admit(
+            route, gateway.limits_of(session), lease_ttl_s=self.lease_ttl()
+        )
+        if admission.result is AdmissionResult.DENIED:
+            log.warning("lost route could not be re-admitted (connection limit)")
+
+    def lease_ttl(self) -> float:
+        if self._settings.route_lease_ttl_seconds > 0:
+            return self._settings.route_lease_ttl_seconds
+        return lease_ttl_for(30.0)
