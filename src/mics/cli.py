@@ -55,6 +55,10 @@ def gateway(
         Path | None, typer.Option(help="TOML file; environment variables apply too")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (overrides PORT)")] = None,
+    redis: Annotated[
+        str | None,
+        typer.Option(help="Redis address: join a cluster (overrides REDIS__CONNECTION)"),
+    ] = None,
 ) -> None:
     """Run one gateway node (configured by environment variables or --config)."""
     from pydantic import ValidationError
@@ -63,7 +67,7 @@ def gateway(
     from mics.gateway.config import load_settings
 
     try:
-        settings = load_settings(config, port=port)
+        settings = load_settings(config, port=port, redis_connection=redis)
     except (ValidationError, OSError, ValueError) as exc:
         typer.echo(f"invalid gateway configuration: {exc}", err=True)
         raise typer.Exit(2) from exc
