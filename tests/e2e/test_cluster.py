@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,3 +168,91 @@ async def test_nodes_see_each_other_and_report_ready(cluster: Cluster) -> None:
     directory = n1.membership.directory
     await wait_until(lambda: set(directory.live_node_ids) == {"n1", "n2"}, 10, "snapshot")
     assert n1.gateway.ready
+
+
+async def test_redis_down_keeps_local_traffic_and_reports_not_ready(
+    cluster: Cluster, redis_server: Any
+) -> None:
+    n1 = await cluster.add_node("n1")
+    alice = await cluster.connect(n1, "u1")
+    bob = await cluster.connect(n1, "u2")
+    redis_server.stop()
+    try:
+        await wait_until(lambda: not n1.gateway.ready, 15, "not ready without Redis")
+        ack = await alice.send_single("u2", b"still local", msg_id="rd-1")
+        assert (ack.status, ack.reason) == (msg_pb.SENT, "")
+        assert (await bob.next_delivery(timeout=5)).msg_id == "rd-1"
+        # A user the node cannot locate takes the offline path, never the floor.
+        lost = await alice.send_single("u3", b"for later", msg_id="rd-2")
+        assert (lost.status, lost.reason) == (msg_pb.SENT, "offline_buffered")
+    finally:
+        redis_server.start()
+    await wait_until(lambda: n1.gateway.ready, 15, "ready again")
+    carol = await cluster.connect(n1, "u3")
+    assert (await carol.next_delivery(timeout=5)).msg_id == "rd-2"
+
+
+async def test_redis_restart_under_traffic_loses_nothing(
+    cluster: Cluster, redis_server: Any, redis_url: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    n1 = await cluster.add_node("n1")
+    n2 = await cluster.add_node("n2")
+    alice = await cluster.connect(n1, "u1")
+    bob = await cluster.connect(n2, "u2")
+    sent: list[str] = []
+    for i in range(10):
+        assert (await alice.send_single("u2", b"a", msg_id=f"rr-{i}")).status == msg_pb.SENT
+        sent.append(f"rr-{i}")
+    redis_server.restart()  # every route is gone with Redis's data
+    for i in range(10, 30):
+        ack = await alice.send_single("u2", b"b", msg_id=f"rr-{i}")
+        assert ack.status == msg_pb.SENT, ack
+        sent.append(f"rr-{i}")
+    # n2's lease renewal registers bob again; then a marker must arrive live.
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await r.hget(f"{TENANT}:online:u2", "d1"):
+            assert loop.time() < deadline, "bob's route was not registered again"
+            await asyncio.sleep(0.05)
+    finally:
+        await r.aclose()
+    assert (await alice.send_single("u2", b"m", msg_id="rr-marker")).reason == ""
+    live: list[str] = []
+    while (msg_id := (await bob.next_delivery(timeout=5)).msg_id) != "rr-marker":
+        live.append(msg_id)
+    # What found no route meanwhile was held on n1 (the sender's node, legacy mode):
+    # a connection of bob's there drains it.
+    other = await cluster.connect(n1, "u2", "d2")
+    held = [(await other.next_delivery(timeout=5)).msg_id for _ in range(len(sent) - len(live))]
+    assert sorted(live + held) == sorted(sent), "zero loss, nothing twice"
+
+
+async def test_nudge_reaches_connections_on_other_nodes(cluster: Cluster) -> None:
+    import aiohttp
+
+    from mics.protocol.ids import new_request_id
+    from mics.protocol.pb import mics_hook_pb2 as hook_pb
+    from mics.protocol.signing import sign_hook_request
+
+    n1 = await cluster.add_node("n1")
+    n2 = await cluster.add_node("n2")
+    await cluster.connect(n2, "u2")
+    nudge = hook_pb.OfflineAvailableRequest(user_id="u2")
+    nudge.meta.tenant_id = TENANT
+    nudge.meta.request_id = new_request_id()
+    import time
+
+    nudge.meta.timestamp_ms = int(time.time() * 1000)
+    sign_hook_request(nudge, SECRET)
+    async with aiohttp.ClientSession() as http, http.post(
+        n1.url + "/v1/offline-available", data=nudge.SerializeToString()
+    ) as resp:
+        body = hook_pb.OfflineAvailableResponse.FromString(await resp.read())
+    # The tenant is in legacy mode: n2 answers, with no connection that pulls.
+    assert resp.status == 200
+    assert body.ok
+    assert n2.gateway.metrics_registry.sample("mics_grpc_server_unauthorized_total") == 0
