@@ -197,3 +197,28 @@ async def test_route_remove_is_compare_and_delete() -> None:
     assert await table.remove(route("u1", "a", "new"))
     assert await table.lookup("t1", "u1") == []
     assert table.count("t1") == 0
+
+
+# -- route cache ------------------------------------------------------------------------------
+
+
+def test_route_cache_expires_invalidates_and_is_bounded() -> None:
+    from mics.gateway.routing import RouteCache
+
+    clock = FakeClock()
+    cache = RouteCache(ttl_s=5, max_entries=2, clock=clock)
+    routes = [route("u1", "a", "c1")]
+    cache.put("t1", "u1", routes)
+    assert cache.get("t1", "u1") == routes
+    clock.now += 5
+    assert cache.get("t1", "u1") is None  # expired
+    cache.put("t1", "u1", routes)
+    cache.invalidate("t1", "u1")
+    assert cache.get("t1", "u1") is None
+    for user in ("u1", "u2", "u3"):
+        cache.put("t1", user, [])
+    assert cache.get("t1", "u1") is None  # the oldest went first
+    assert cache.get("t1", "u3") == []
+    disabled = RouteCache(ttl_s=0, max_entries=10)
+    disabled.put("t1", "u1", routes)
+    assert disabled.get("t1", "u1") is None

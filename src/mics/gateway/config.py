@@ -96,6 +96,9 @@ class GatewaySettings(BaseSettings):
     node_refresh_seconds: float = 10.0
     node_snapshot_seconds: float = 3.0
     node_cleanup_seconds: float = 5.0
+    # Remote routes kept locally to spare Redis a read per message; 0 disables.
+    local_route_cache_ttl_seconds: float = 5.0
+    local_route_cache_entries: int = 100_000
     # 0: derived from the tenant heartbeat timeout as the protocol says.
     route_lease_ttl_seconds: float = 0.0
     route_renew_interval_seconds: float = 0.0

@@ -27,7 +27,7 @@ from mics.gateway.offline import LegacyBuffer, OfflineDelivery
 from mics.gateway.pipeline import MessagePipeline, PipelineLimits
 from mics.gateway.ratelimit import TenantQpsLimiter
 from mics.gateway.registry import SessionRegistry
-from mics.gateway.routing import Router
+from mics.gateway.routing import RouteCache, Router
 from mics.gateway.session import Session
 from mics.gateway.tenants import TenantDirectory, TenantRuntime
 from mics.hooks.client import HookClient, HookOp, HookResult
@@ -114,6 +114,9 @@ class Gateway:
                 forwarder=forwarder,
                 metrics=self.metrics,
                 chunk_size=settings.group_route_chunk_size,
+                cache=RouteCache(
+                    settings.local_route_cache_ttl_seconds, settings.local_route_cache_entries
+                ),
             ),
             hooks=self.hooks,
             events=events,
@@ -133,8 +136,10 @@ class Gateway:
         self._ws: dict[str, web.WebSocketResponse] = {}
         self._close_cb = self._close_session  # one bound method shared by all sessions
         self._forwarder = forwarder
-        # Set by the cluster membership: is Redis answering?
+        # Set by the cluster membership: is Redis answering? / tell the others a route
+        # of this user changed (they drop it from their route caches).
         self.cluster_healthy: Callable[[], bool] | None = None
+        self.announce_route_change: Callable[[str, str], None] | None = None
         # A retried forward must not deliver twice (protocol.md 7).
         self._forwarded = DedupCache(ttl_s=60, max_entries=200_000)
         self._started = False
@@ -264,6 +269,7 @@ class Gateway:
         try:
             previous = self.registry.add(session)
             registered = True
+            self.routes_changed(session.tenant_id, session.user_id)
             if previous is not None:
                 # Same device again: the new connection wins (section 9.9 takeover).
                 self.metrics.ws_takeovers.labels(session.tenant_id).inc()
@@ -324,6 +330,7 @@ class Gateway:
                 self._emit_connect(session, hook_pb.CONNECT_OFFLINE)
             if routed:
                 await self._remove_route(session)
+            self.routes_changed(session.tenant_id, session.user_id)
 
     async def _refuse(
         self, ws: web.WebSocketResponse, tenant_id: str, code: int, reason: str
@@ -393,6 +400,12 @@ class Gateway:
                 self.drainer.start(session, "nudge")
                 count += 1
         return count
+
+    def routes_changed(self, tenant_id: str, user_id: str) -> None:
+        """A route of the user changed here: forget cached routes, tell the cluster."""
+        self.pipeline.router.cache.invalidate(tenant_id, user_id)
+        if self.announce_route_change is not None:
+            self.announce_route_change(tenant_id, user_id)
 
     async def nudge_everywhere(self, tenant_id: str, user_id: str) -> int:
         """Re-drain the user's connections on this node and, in a cluster, on the

@@ -10,6 +10,7 @@ closed with 4409; a route that vanished (Redis restarted and lost it) is admitte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -30,6 +31,8 @@ from mics.gateway.core import Gateway
 from mics.protocol import codec
 
 log = logging.getLogger("mics.gateway.membership")
+
+ROUTE_CHANGES = "mics:route-changes"
 
 
 class ClusterMembership:
@@ -56,6 +59,8 @@ class ClusterMembership:
         self._gateway: Gateway | None = None
         self._server: aio.Server | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._announcements: set[asyncio.Task[None]] = set()
         self.grpc_port = 0
         self._last_ok = 0.0
 
@@ -78,13 +83,20 @@ class ClusterMembership:
         except Exception:
             log.warning("Redis unreachable at startup; serving local connections only")
         await self.directory.start()
-        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        loop = asyncio.get_running_loop()
+        self._renewer = loop.create_task(self._renew_forever())
+        self._listener = loop.create_task(self._listen_for_route_changes())
+        gateway.announce_route_change = self.announce_route_change
         log.info("cluster member", extra={"grpc_port": self.grpc_port})
 
     async def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+        for task in (self._renewer, self._listener, *self._announcements):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._renewer, self._listener, *self._announcements) if t),
+            return_exceptions=True,
+        )
         try:
             await self.directory.deregister()
         except Exception:
@@ -94,6 +106,45 @@ class ClusterMembership:
             await self._server.stop(grace=1.0)
         await self.forwarder.close()
         await self._redis.aclose()
+
+    # -- route cache invalidation across nodes -----------------------------------------------
+
+    def announce_route_change(self, tenant_id: str, user_id: str) -> None:
+        """Tell every node to drop its cached routes of the user (fire and forget)."""
+
+        async def publish() -> None:
+            # On failure the cache TTL bounds how long others keep the old routes.
+            with contextlib.suppress(Exception):
+                await self._redis.publish(ROUTE_CHANGES, f"{tenant_id}|{user_id}")
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._announcements.add(task)
+        task.add_done_callback(self._announcements.discard)
+
+    async def _listen_for_route_changes(self) -> None:
+        gateway = self._gateway
+        assert gateway is not None
+        cache = gateway.pipeline.router.cache
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(ROUTE_CHANGES)
+                # Changes may have been missed while unsubscribed: start clean.
+                cache.clear()
+                async for item in pubsub.listen():
+                    if item.get("type") != "message":
+                        continue
+                    data = item.get("data")
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    tenant_id, _, user_id = text.partition("|")
+                    cache.invalidate(tenant_id, user_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)  # Redis away: retry; the cache TTL bounds staleness
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     # -- leases ------------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mics.cluster.forwarding import NodeClient
@@ -39,6 +41,54 @@ class Reach:
         return self.local + self.forwarded
 
 
+class RouteCache:
+    """Recently read remote routes, so Redis stays off most messages' path.
+
+    Entries live `ttl_s` and are dropped at once when this node learns the user's routes
+    changed (a local connect or disconnect, or another node's change announced over
+    Redis pub/sub). A stale entry costs latency, never a message: a forward to a node
+    where the user is gone comes back as missing and takes the offline path, which the
+    backend's nudge turns into a pull on the user's new connection.
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl_s
+        self._max = max(1, max_entries)
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, list[Route]]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self._ttl > 0
+
+    def get(self, tenant_id: str, user_id: str) -> list[Route] | None:
+        entry = self._entries.get((tenant_id, user_id))
+        if entry is None:
+            return None
+        expiry, routes = entry
+        if expiry <= self._clock():
+            del self._entries[(tenant_id, user_id)]
+            return None
+        return routes
+
+    def put(self, tenant_id: str, user_id: str, routes: list[Route]) -> None:
+        if not self.enabled:
+            return
+        key = (tenant_id, user_id)
+        self._entries[key] = (self._clock() + self._ttl, routes)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def invalidate(self, tenant_id: str, user_id: str) -> None:
+        self._entries.pop((tenant_id, user_id), None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class Router:
     def __init__(
         self,
@@ -49,6 +99,7 @@ class Router:
         forwarder: NodeClient | None,
         metrics: GatewayMetrics,
         chunk_size: int = 256,
+        cache: RouteCache | None = None,
     ) -> None:
         self._node_id = node_id
         self._registry = registry
@@ -56,6 +107,7 @@ class Router:
         self._forwarder = forwarder
         self._m = metrics
         self._chunk = chunk_size
+        self.cache = cache or RouteCache(0, 1)
         self._fallback = metrics.registry.counter(
             "mics_redis_fallback",
             "Route lookups that failed: the users were treated as offline",
@@ -145,6 +197,28 @@ class Router:
         return reach
 
     async def _remote_routes(
+        self, tenant_id: str, users: Sequence[str]
+    ) -> dict[str, list[Route]] | None:
+        cache = self.cache
+        found: dict[str, list[Route]] = {}
+        wanted: list[str] = []
+        for user in users:
+            cached = cache.get(tenant_id, user)
+            if cached is None:
+                wanted.append(user)
+            else:
+                found[user] = cached
+        if not wanted:
+            return found
+        fetched = await self._fetch_routes(tenant_id, wanted)
+        if fetched is None:
+            return found or None
+        for user, routes in fetched.items():
+            cache.put(tenant_id, user, routes)
+        found.update(fetched)
+        return found
+
+    async def _fetch_routes(
         self, tenant_id: str, users: Sequence[str]
     ) -> dict[str, list[Route]] | None:
         from mics.cluster.redis_routes import RouteTableUnavailable
