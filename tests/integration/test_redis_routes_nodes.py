@@ -269,6 +269,25 @@ async def test_cleanup_waits_until_a_node_is_dead(client: Redis, clock: FakeCloc
     assert not await client.exists("t1:online:u0", "t1:online:u1", "nodes:c:routes", "nodes:c")
 
 
+async def test_cleanup_skips_routes_it_cannot_remove(client: Redis, clock: FakeClock) -> None:
+    a = directory(client, "a", clock)
+    c = directory(client, "c", clock)
+    await c.heartbeat()
+    await admit_many(table(client, "c", clock), "t1", users=2, devices=1)
+    await client.set("t1:online:bad", "not a hash")
+    await client.sadd("nodes:c:routes", "t1|bad|d0", "malformed")
+    clock.advance(31.0)
+    await a.heartbeat()
+
+    report = await a.cleanup_dead_nodes()
+
+    assert report.cleaned == ("c",)
+    assert (report.routes_processed, report.routes_removed) == (4, 2)
+    assert a.stats.route_errors == 1
+    assert not await client.exists("t1:online:u0", "t1:online:u1", "nodes:c:routes")
+    assert await client.get("t1:online:bad") == "not a hash"
+
+
 async def test_cleanup_skips_a_node_whose_lock_is_taken(client: Redis, clock: FakeClock) -> None:
     a = directory(client, "a", clock)
     c = directory(client, "c", clock)

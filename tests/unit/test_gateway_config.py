@@ -86,3 +86,10 @@ def test_the_shipped_example_config_loads() -> None:
     assert settings.node_id == "gw-1"
     assert settings.resolved_event_bus == "kafka"
     assert settings.tenant_auth_map == {"acme": "https://im-hooks.acme.example"}
+
+
+def test_cluster_timing_that_would_make_live_nodes_look_dead_is_refused() -> None:
+    with pytest.raises(ValidationError, match="shorter than"):
+        GatewaySettings(node_ttl_seconds=5, node_refresh_seconds=10)
+    with pytest.raises(ValidationError, match="shorter than"):
+        GatewaySettings(node_ttl_seconds=5, node_cleanup_seconds=5)

@@ -1,15 +1,15 @@
 """Cluster membership in Redis (protocol section 8): heartbeats, the live-node snapshot
 and the cleanup of dead nodes' routes.
 
-Keys:
+Keys (``cleanup_lock`` is this implementation's; the others are MICS v1's):
 
-==========================  =====  =========================================================
-``nodes:{nodeId}``          HASH   ``nodeId``, ``endpoint``, ``heartbeatAtMs``; expires after TTL
-``nodes:live``              ZSET   nodeId, score = heartbeat time + TTL (Unix ms)
-``nodes:known``             SET    every registered node id
-``nodes:{nodeId}:routes``   SET    ``tenant|user|device`` routed by the node
-``nodes:{nodeId}:cleanup_lock``  STRING  the cleaning node's id, ``SET NX PX``
-==========================  =====  =========================================================
+=================================  ======  ==================================================
+``nodes:{nodeId}``                 HASH    ``nodeId``, ``endpoint``, ``heartbeatAtMs``; TTL
+``nodes:live``                     ZSET    nodeId, score = heartbeat time + TTL (Unix ms)
+``nodes:known``                    SET     every registered node id
+``nodes:{nodeId}:routes``          SET     ``tenant|user|device`` routed by the node
+``nodes:{nodeId}:cleanup_lock``    STRING  the cleaning node's id, ``SET NX PX``
+=================================  ======  ==================================================
 
 A node is live while its ``nodes:live`` score is at least now. Every ``cleanup_s`` each
 node looks for known nodes that are not live; for each, the one node that takes the
@@ -98,6 +98,7 @@ class DirectoryStats:
     cleanups: int = 0  # dead nodes cleaned by this node: mics_dead_node_cleanups_total
     routes_processed: int = 0  # their routes entries: mics_dead_node_routes_processed_total
     routes_removed: int = 0  # of which still pointed to the dead node and were deleted
+    route_errors: int = 0  # routes entries whose removal failed (skipped)
     cleanup_passes: int = 0  # completed cleanup_dead_nodes passes
     cleanup_failures: int = 0
 
@@ -142,6 +143,8 @@ class NodeDirectory:
             raise ValueError("ttl and intervals must be > 0")
         if refresh_s >= ttl_s:
             raise ValueError("refresh_s must be shorter than ttl_s, or the node flaps")
+        if cleanup_s >= ttl_s:
+            raise ValueError("cleanup_s must be shorter than ttl_s (dead routes gone in 2 x TTL)")
         if cleanup_batch_size < 1:
             raise ValueError("cleanup_batch_size must be >= 1")
         self._redis = redis
@@ -336,8 +339,15 @@ class NodeDirectory:
             queued += 1
         if not queued:
             return 0
-        replies = await guarded("cleanup routes", pipe.execute())
-        outcomes = [int(reply) for reply in replies]
+        replies = await guarded("cleanup routes", pipe.execute(raise_on_error=False))
+        outcomes = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                # e.g. WRONGTYPE: a key this layout does not own; skip, never block.
+                log.warning("dead-node route cleanup failed for one route: %s", reply)
+                self.stats.route_errors += 1
+                continue
+            outcomes.append(int(reply))
         if any(outcome < 0 for outcome in outcomes):
             return -1
         return sum(outcomes)

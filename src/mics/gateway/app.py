@@ -69,16 +69,20 @@ def _free_port(host: str) -> int:
 def build_membership(settings: GatewaySettings, registry: MetricsRegistry) -> ClusterMembership:
     """The Redis route table, node directory and peer client of a clustered node."""
     from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     from mics.cluster.redis_routes import RedisRouteTable
     from mics.gateway.membership import ClusterMembership
 
+    url = settings.redis_connection
+    # Fail fast: a Redis that is away makes users look offline (offline path) and the
+    # node not ready; redis-py's default retries would stall every call for seconds.
     redis = Redis.from_url(
-        settings.redis_connection
-        if "://" in settings.redis_connection
-        else f"redis://{settings.redis_connection}",
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
+        url if "://" in url else f"redis://{url}",
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 1),
     )
     routes = RedisRouteTable(
         redis,

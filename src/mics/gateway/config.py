@@ -203,6 +203,18 @@ class GatewaySettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_cluster_timing(self) -> GatewaySettings:
+        ttl = self.node_ttl_seconds
+        if min(ttl, self.node_refresh_seconds, self.node_snapshot_seconds) <= 0:
+            raise ValueError("node TTL and intervals must be > 0")
+        if not (self.node_refresh_seconds < ttl and self.node_cleanup_seconds < ttl):
+            raise ValueError(
+                "NODE_REFRESH_SECONDS and NODE_CLEANUP_SECONDS must be shorter than "
+                "NODE_TTL_SECONDS, or live nodes look dead"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_tenants(self) -> GatewaySettings:
         for tenant, url in self.tenant_auth_map.items():
             if not tenant or "|" in tenant:

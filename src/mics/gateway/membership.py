@@ -90,13 +90,13 @@ class ClusterMembership:
         log.info("cluster member", extra={"grpc_port": self.grpc_port})
 
     async def stop(self) -> None:
-        for task in (self._renewer, self._listener, *self._announcements):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._renewer, self._listener, *self._announcements) if t),
-            return_exceptions=True,
-        )
+        tasks = [t for t in (self._renewer, self._listener, *self._announcements) if t]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # redis-py occasionally swallows a cancellation inside a call: never wait on
+            # it forever; a task still running here ends with the process.
+            await asyncio.wait(tasks, timeout=2.0)
         try:
             await self.directory.deregister()
         except Exception:
