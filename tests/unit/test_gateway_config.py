@@ -23,7 +23,8 @@ def test_v1_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.tenant_hook_secrets == {"t1": "s1"}
     assert settings.hook_queue_timeout_ms == 10_000  # clamped to the spec's range
     assert settings.hook_max_concurrency == 32  # <= 0 -> 32
-    assert settings.endpoint == "http://localhost:9000"
+    # Peers dial the node service, on PORT + 1 unless GRPC_PORT says otherwise.
+    assert settings.endpoint == "http://localhost:9001"
 
 
 def test_toml_file_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
