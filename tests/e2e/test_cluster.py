@@ -248,9 +248,10 @@ async def test_nudge_reaches_connections_on_other_nodes(cluster: Cluster) -> Non
 
     nudge.meta.timestamp_ms = int(time.time() * 1000)
     sign_hook_request(nudge, SECRET)
-    async with aiohttp.ClientSession() as http, http.post(
-        n1.url + "/v1/offline-available", data=nudge.SerializeToString()
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(n1.url + "/v1/offline-available", data=nudge.SerializeToString()) as resp,
+    ):
         body = hook_pb.OfflineAvailableResponse.FromString(await resp.read())
     # The tenant is in legacy mode: n2 answers, with no connection that pulls.
     assert resp.status == 200
