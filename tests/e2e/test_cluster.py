@@ -256,4 +256,4 @@ async def test_nudge_reaches_connections_on_other_nodes(cluster: Cluster) -> Non
     # The tenant is in legacy mode: n2 answers, with no connection that pulls.
     assert resp.status == 200
     assert body.ok
-    assert n2.gateway.metrics_registry.sample("mics_grpc_server_unauthorized_total") == 0
+    assert n2.gateway.metrics_registry.sample("mics_grpc_unauthorized_total") == 0

@@ -69,9 +69,6 @@ class ForwardMetrics:
         self.duration = r.histogram_ms(
             "mics_grpc_forward_duration_ms", "Forward call duration", ("tenant", "via")
         )
-        self.unauthorized = r.counter(
-            "mics_grpc_unauthorized", "Node calls refused for a wrong cluster token"
-        )
 
 
 def grpc_target(endpoint: str) -> str:
@@ -234,7 +231,7 @@ class NodeService(node_grpc.NodeGatewayServicer):
         self._node = node
         self._token = token
         self._unauthorized = metrics.counter(
-            "mics_grpc_server_unauthorized", "Node calls refused for a wrong cluster token"
+            "mics_grpc_unauthorized", "Node calls refused for a wrong cluster token"
         )
 
     async def _check_token(self, context: aio.ServicerContext) -> None:  # type: ignore[type-arg]

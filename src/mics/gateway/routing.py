@@ -58,6 +58,9 @@ class RouteCache:
         self._max = max(1, max_entries)
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], tuple[float, list[Route]]] = OrderedDict()
+        # Bumped by every invalidation: a lookup that started before one must not put
+        # the routes it read back into the cache (they may be the stale ones).
+        self.generation = 0
 
     @property
     def enabled(self) -> bool:
@@ -73,8 +76,10 @@ class RouteCache:
             return None
         return routes
 
-    def put(self, tenant_id: str, user_id: str, routes: list[Route]) -> None:
-        if not self.enabled:
+    def put(
+        self, tenant_id: str, user_id: str, routes: list[Route], generation: int | None = None
+    ) -> None:
+        if not self.enabled or (generation is not None and generation != self.generation):
             return
         key = (tenant_id, user_id)
         self._entries[key] = (self._clock() + self._ttl, routes)
@@ -83,9 +88,11 @@ class RouteCache:
             self._entries.popitem(last=False)
 
     def invalidate(self, tenant_id: str, user_id: str) -> None:
+        self.generation += 1
         self._entries.pop((tenant_id, user_id), None)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
 
 
@@ -150,6 +157,15 @@ class Router:
         if remote is None:  # route table unavailable: whoever is not here is offline
             reach.offline = [u for u in recipients if u not in local_hits]
             return reach
+        # The lookup awaited Redis: a recipient may have connected here meanwhile. Its
+        # own route is skipped below, so deliver to it locally now or it would go to the
+        # offline path after its connect drain already ran.
+        for user in recipients:
+            if user not in local_hits:
+                written = self.deliver_local(tenant_id, user, frame)
+                if written:
+                    reach.local += written
+                    local_hits.add(user)
         by_node: dict[str, tuple[str, list[str]]] = {}
         unreached = set(recipients) - local_hits
         for user, routes in remote.items():
@@ -210,11 +226,12 @@ class Router:
                 found[user] = cached
         if not wanted:
             return found
+        generation = cache.generation
         fetched = await self._fetch_routes(tenant_id, wanted)
         if fetched is None:
             return found or None
         for user, routes in fetched.items():
-            cache.put(tenant_id, user, routes)
+            cache.put(tenant_id, user, routes, generation)
         found.update(fetched)
         return found
 
