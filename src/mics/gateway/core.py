@@ -324,6 +324,7 @@ class Gateway:
                 self.registry.remove(session)
             session.flush_now()
             session.closed = True
+            self._keep_held(session)
             self._ws.pop(session.conn_id, None)
             if connected:
                 self._count_connect(session, -1)
@@ -331,6 +332,18 @@ class Gateway:
             if routed:
                 await self._remove_route(session)
             self.routes_changed(session.tenant_id, session.user_id)
+
+    def _keep_held(self, session: Session) -> None:
+        """Live deliveries held behind a drain that never finished were acked SENT to
+        their senders: keep them for the user's next connection instead of dropping
+        them with the session."""
+        held = session.take_held()
+        for frame in held:
+            self.buffer.put(
+                session.tenant_id, session.user_id, frame, session.runtime.offline_ttl_s
+            )
+        if held:
+            self.metrics.offline_buffered.labels(session.tenant_id, "held").inc(len(held))
 
     async def _refuse(
         self, ws: web.WebSocketResponse, tenant_id: str, code: int, reason: str

@@ -84,6 +84,7 @@ class OfflineState:
     __slots__ = (
         "again",
         "all_confirmed",
+        "buffered_pending",
         "commit_task",
         "cursor",
         "nudged",
@@ -103,6 +104,10 @@ class OfflineState:
         self.all_confirmed.set()
         # Set by a nudge that arrives while a drain runs or waits for receipts.
         self.nudged = asyncio.Event()
+        # Buffer deliveries (v1.1) not confirmed yet, by msg_id: a pulled row that this
+        # connection already pushed from the buffer is committed only once the client
+        # confirmed that copy.
+        self.buffered_pending: dict[str, int] = {}
 
     def remember(self, key: str) -> bool:
         """Record a pushed (sender, msg_id); False if this connection pushed it already."""
@@ -204,9 +209,17 @@ class OfflineDrainer:
     def on_receipt(self, session: Session, receipt: msg_pb.DeliveryAck) -> None:
         """A v1.1 DeliveryAck: confirm deliveries, then commit what is fully confirmed."""
         state = session.offline
-        if not isinstance(state, OfflineState) or not state.pages:
+        if not isinstance(state, OfflineState) or not (state.pages or state.buffered_pending):
             return
         for msg_id in receipt.msg_ids:
+            pending = state.buffered_pending.get(msg_id)
+            if pending:
+                # The earliest unconfirmed delivery with this id is the buffered copy.
+                if pending == 1:
+                    del state.buffered_pending[msg_id]
+                else:
+                    state.buffered_pending[msg_id] = pending - 1
+                continue
             for page in state.pages:
                 count = page.remaining.get(msg_id)
                 if count:
@@ -291,17 +304,20 @@ class OfflineDrainer:
         frames = self._buffer.take(session.tenant_id, session.user_id)
         sent = 0
         for frame in frames:
-            if state is None or self._first_time(state, frame):
+            if state is None:
                 session.send(frame)
                 sent += 1
+                continue
+            message = msg_pb.ServerFrame.FromString(frame).delivery.message
+            if state.remember(f"{message.user_id}|{message.msg_id}"):
+                session.send(frame)
+                sent += 1
+                if session.v11:
+                    pending = state.buffered_pending
+                    pending[message.msg_id] = pending.get(message.msg_id, 0) + 1
         if sent:
             self._gm.offline_drained.labels(session.tenant_id, self._node_id).inc(sent)
         return sent
-
-    @staticmethod
-    def _first_time(state: OfflineState, frame: bytes) -> bool:
-        message = msg_pb.ServerFrame.FromString(frame).delivery.message
-        return state.remember(f"{message.user_id}|{message.msg_id}")
 
     async def _pull(self, session: Session, state: OfflineState) -> tuple[int, bool, str]:
         sent = 0
@@ -347,6 +363,7 @@ class OfflineDrainer:
         tenant = session.tenant_id
         page = _Page(cursor=response.next_cursor)
         valid: list[msg_pb.MessageRequest] = []
+        carried: dict[str, int] = {}
         for message in response.messages:
             if not _belongs_to(message, session):
                 self._m.invalid.labels(tenant).inc()
@@ -357,6 +374,12 @@ class OfflineDrainer:
                 continue
             if not state.remember(f"{message.user_id}|{message.msg_id}"):
                 self._m.duplicates.labels(tenant).inc()
+                # Pushed before from the buffer: if that copy is not confirmed yet, this
+                # page waits for its receipt before it may be committed.
+                pending = state.buffered_pending.get(message.msg_id, 0)
+                if pending:
+                    state.buffered_pending[message.msg_id] = pending - 1
+                    carried[message.msg_id] = carried.get(message.msg_id, 0) + 1
                 continue
             valid.append(message)
         for index, message in enumerate(valid):
@@ -364,7 +387,9 @@ class OfflineDrainer:
             cursor = response.next_cursor if last and session.v11 else ""
             session.send(delivery_frame(message, cursor))
             page.remaining[message.msg_id] = page.remaining.get(message.msg_id, 0) + 1
-        page.unconfirmed = len(valid)
+        for msg_id, count in carried.items():
+            page.remaining[msg_id] = page.remaining.get(msg_id, 0) + count
+        page.unconfirmed = len(valid) + sum(carried.values())
         if response.next_cursor:
             state.cursor = response.next_cursor
         if valid:

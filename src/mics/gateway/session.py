@@ -138,6 +138,11 @@ class Session:
             for frame in held:
                 self.send(frame)
 
+    def take_held(self) -> list[bytes]:
+        """The live deliveries still held (the connection ended during its drain)."""
+        held, self._held = self._held, None
+        return held or []
+
     @property
     def holding(self) -> bool:
         return self._held is not None
