@@ -1,6 +1,6 @@
 """Offline-path benchmark: gateway memory, sender ack, backlog drain, consumer, pull hook.
 
-    python -m bench.offline                              # all five parts, ~7 min
+    python -m bench.offline                              # all five parts, ~8 min
     python -m bench.offline --only consumer,pull         # some parts
     python -m bench.offline --only consumer --cprofile   # with a backend profile
 
@@ -1251,12 +1251,19 @@ async def part_pull(args: argparse.Namespace, infra: Infra) -> list[Row]:
                     + f"; {checked} answers parsed and checked"
                     + (f"; ERRORS {dict(errors)}" if errors else "")
                 )
+                if r.qps < 0.9 * rate and rep + 1 < args.repeat_pull:
+                    print("    saturated (the backend cannot keep up): not repeated")
+                    break
             best = min(runs, key=lambda r: r.p(0.99))
             met = best.p(0.99) < PULL_P99_GOAL_MS and not best.errors
+            verdict = (
+                f"goal < {PULL_P99_GOAL_MS:.0f} ms: {'OK' if met else 'MISSED'}"
+                if rate >= 1000
+                else "reference"
+            )
             print(
                 f"  {rate:,} req/s best: p99 {best.p(0.99):.1f} ms, {best.qps:,.0f} req/s "
-                f"achieved (goal < {PULL_P99_GOAL_MS:.0f} ms at 1,000 req/s: "
-                f"{'OK' if met else 'MISSED'}); all runs p99: "
+                f"achieved ({verdict}); all runs p99: "
                 + ", ".join(f"{r.p(0.99):.1f}" for r in runs)
             )
             rows.append(
