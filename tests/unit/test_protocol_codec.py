@@ -579,8 +579,9 @@ def test_hand_built_delivery_frame_equals_protobufs_encoding(
 
 
 @given(msg_id=st.text(max_size=100), status=st.sampled_from([0, 1]), reason=st.text(max_size=50))
-def test_simple_ack_frame_equals_protobufs_encoding(msg_id: str, status: int, reason: str) -> None:
+def test_ack_server_frame_equals_protobufs_encoding(msg_id: str, status: int, reason: str) -> None:
     expected = msg_pb.ServerFrame(
         ack=msg_pb.MessageAck(msg_id=msg_id, status=status, timestamp_ms=5, reason=reason)  # type: ignore[arg-type]
     ).SerializeToString()
-    assert codec.simple_ack_frame(msg_id, status, reason, 5) == expected
+    frame = codec.ack_server_frame(msg_id, status, reason, 5)  # type: ignore[arg-type]
+    assert frame.SerializeToString() == expected

@@ -24,7 +24,7 @@ from mics.gateway.session import Session
 from mics.gateway.tenants import OfflineMode
 from mics.hooks.client import HookClient, HookOp, HookResult
 from mics.observability.logging import now_ms
-from mics.protocol.codec import delivery_frame
+from mics.protocol.codec import ack_server_frame, delivery_frame
 from mics.protocol.ids import new_trace_id
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
@@ -489,14 +489,7 @@ class MessagePipeline:
 
 
 def _ack(msg_id: str, status: msg_pb.AckStatus, reason: str) -> msg_pb.ServerFrame:
-    """A ServerFrame carrying the ack, filled in place (no copy when serialized)."""
-    frame = msg_pb.ServerFrame()
-    ack = frame.ack
-    ack.msg_id = msg_id
-    ack.status = status
-    ack.timestamp_ms = now_ms()
-    ack.reason = reason
-    return frame
+    return ack_server_frame(msg_id, status, reason, now_ms())
 
 
 def _reason_label(reason: str) -> str:

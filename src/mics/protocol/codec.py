@@ -72,15 +72,19 @@ def ack_frame(ack: msg_pb.MessageAck) -> bytes:
     return msg_pb.ServerFrame(ack=ack).SerializeToString()
 
 
-def simple_ack_frame(msg_id: str, status: int, reason: str, now_ms: int) -> bytes:
-    """ServerFrame{ack{msg_id, status, timestamp_ms, reason}}, built in place (hot path)."""
+def ack_server_frame(
+    msg_id: str, status: msg_pb.AckStatus, reason: str, now_ms: int
+) -> msg_pb.ServerFrame:
+    """ServerFrame{ack{msg_id, status, timestamp_ms, reason}}, filled in place: no
+    MessageAck copied into the frame on the hot path. Group acks add their counters to
+    ``.ack`` before serializing."""
     frame = msg_pb.ServerFrame()
     ack = frame.ack
     ack.msg_id = msg_id
-    ack.status = status  # type: ignore[assignment]
+    ack.status = status
     ack.timestamp_ms = now_ms
     ack.reason = reason
-    return frame.SerializeToString()
+    return frame
 
 
 def _varint(value: int) -> bytes:
