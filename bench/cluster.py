@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import aiohttp
-from tests.support.postgres import die_with_parent, free_port
+from tests.support.process import die_with_parent, free_port
 from tests.support.redis import RedisServer
 
 from bench._auth import AuthServer

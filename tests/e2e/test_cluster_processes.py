@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 
@@ -19,12 +18,7 @@ from mics.backend.config import BackendConfig
 from mics.client import ClientOptions, ConnectionLost, MicsClient
 from mics.protocol.pb import mics_message_pb2 as msg_pb
 from tests.e2e.conftest import SECRET, TENANT, tenant_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.process import free_port
 
 
 class NodeProcess:

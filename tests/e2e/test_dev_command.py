@@ -5,17 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 
 from mics.client import ClientOptions, MicsClient
 from mics.protocol.pb import mics_message_pb2 as msg_pb
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.process import free_port
 
 
 async def test_mics_dev_runs_the_system_and_stops_on_ctrl_c() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from mics.hooks.policy import HookDefaults, HookPolicy
 from mics.observability.metrics import MetricsRegistry
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.signing import verify_hook_request
+from tests.support.process import free_port
 
 TENANT = "t1"
 SECRET = "s3cret"
@@ -184,13 +184,6 @@ async def wait_breaker(client: HookClient, state: str, op: HookOp = HookOp.CHECK
         # event to wait on: poll the condition.
         while client.breaker_state(TENANT, op) != state:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_paths_and_labels() -> None:

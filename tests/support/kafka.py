@@ -4,7 +4,8 @@
 ``.cache/``; :class:`KafkaBroker` formats a private log directory and runs
 ``java -cp 'libs/*' kafka.Kafka server.properties`` as one combined broker+controller
 process on free loopback ports, with its log in a file next to the data, never on the
-pytest console.
+pytest console. The process handling (work directory, stop, kill, restart, cleanup) is
+:class:`tests.support.process.ServiceProcess`'s.
 
 Use the session fixture ``kafka_broker``: make it visible once, in ``tests/conftest.py``
 (``from tests.support.kafka import kafka_broker  # noqa: F401``), then ask for it::
@@ -26,27 +27,21 @@ own (other properties, or to keep it down) builds one with :func:`broker_fixture
 
 from __future__ import annotations
 
-import atexit
 import base64
-import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+
+from tests.support.process import ServiceProcess, ServiceProcessError, free_port, run_tool
 
 REPO = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = REPO / "scripts" / "kafka-fetch"
@@ -80,16 +75,8 @@ logger.config.level = WARN
 log = logging.getLogger(__name__)
 
 
-class KafkaBrokerError(RuntimeError):
+class KafkaBrokerError(ServiceProcessError):
     """The broker could not be fetched, formatted, started or stopped."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def new_cluster_id() -> str:
@@ -102,17 +89,7 @@ def new_cluster_id() -> str:
 
 def fetch_kafka() -> Path:
     """Run ``scripts/kafka-fetch`` (instant once its stamp exists); return the libs dir."""
-    try:
-        done = subprocess.run(
-            ["bash", str(FETCH_SCRIPT)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KafkaBrokerError(f"{FETCH_SCRIPT} failed: {exc}") from exc
+    done = run_tool(["bash", FETCH_SCRIPT], KafkaBrokerError, timeout=600, what=str(FETCH_SCRIPT))
     if done.stderr:
         sys.stderr.write(done.stderr)
     lines = done.stdout.strip().splitlines()
@@ -137,36 +114,22 @@ def _java() -> str:
     return java
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent thread dies.
-
-    Covers a test run killed outright (no finally, no atexit). Only used from the main
-    thread: the signal fires when the *thread* that forked exits, and a worker thread
-    (``asyncio.to_thread``) would take the broker down with it.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-
-    return preexec
-
-
-class KafkaBroker:
+class KafkaBroker(ServiceProcess):
     """One single-node KRaft broker (combined broker + controller) in a private directory.
 
     The listener and controller ports are picked once, in the constructor, and kept for
-    the broker's life, across ``stop()``/``start()``; so is the log directory.
+    the broker's life, across ``stop()``/``start()``; so is the log directory. ``kill()``
+    crashes it (SIGKILL, no shutdown); ``start()`` then recovers the log directory.
     """
+
+    name = "Kafka broker"
+    error = KafkaBrokerError
+    workdir_prefix = "mics-kafka-"
+    log_name = "broker.log"
+    stop_timeout = STOP_TIMEOUT_S
+    at_exit_timeout = 10.0
+    probe_interval = 0.1
+    log_tail_lines = 60
 
     def __init__(
         self,
@@ -175,37 +138,20 @@ class KafkaBroker:
         properties: Mapping[str, str | int] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
-        self._owns_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mics-kafka-")).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        super().__init__(workdir, ready_timeout=ready_timeout)
         self.controller_port = free_port()
-        while self.controller_port == self.port:
-            self.controller_port = free_port()
         self.data_dir = self.workdir / "data"
         self.config_file = self.workdir / "server.properties"
         self.log4j_file = self.workdir / "log4j2.properties"
-        self.log_file = self.workdir / "broker.log"
-        self.ready_timeout = ready_timeout
         self.cluster_id = new_cluster_id()
         self._overrides = {k: str(v) for k, v in (properties or {}).items()}
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_fh: IO[bytes] | None = None
-        self._atexit_registered = False
-        self.starts = 0
+        self._libs: Path | None = None
+        self._admin: AdminClient | None = None
 
     @property
     def bootstrap(self) -> str:
         """The ``bootstrap.servers`` value for clients: ``127.0.0.1:<port>``."""
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc else None
 
     def server_properties(self) -> dict[str, str]:
         p, c = self.port, self.controller_port
@@ -242,119 +188,29 @@ class KafkaBroker:
         props.update(self._overrides)
         return props
 
-    # --- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the broker (formatting its storage the first time) and wait until ready."""
-        if self.running:
-            raise KafkaBrokerError(f"broker already running (pid {self.pid})")
-        libs = fetch_kafka()
-        self._write_config()
-        if not (self.data_dir / "meta.properties").exists():
-            self._format(libs)
-        self._spawn(libs)
-        try:
-            self.wait_ready(self.ready_timeout)
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Graceful stop: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("Kafka broker pid %s ignored SIGTERM for %.0f s", proc.pid, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-        self._reap()
-
     def stop_hard(self, grace: float = 5.0) -> None:
         """SIGTERM with a short grace period, then SIGKILL."""
         self.stop(timeout=grace)
 
-    def kill(self) -> None:
-        """Crash the broker: SIGKILL, no shutdown. ``start()`` recovers the log directory."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        self._reap()
-
-    def restart(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Graceful stop, then start again on the same ports and log directory."""
-        self.stop(timeout)
-        self.start()
-
-    def close(self) -> None:
-        """Stop the broker; remove its directory if this object created it."""
-        self.stop()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- readiness and diagnostics ---------------------------------------------------
+    # --- readiness -------------------------------------------------------------------
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the broker answers a metadata request listing itself."""
-        deadline = time.monotonic() + timeout
-        admin: AdminClient | None = None
-        last_error = "listener not accepting connections yet"
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise KafkaBrokerError(
-                    f"Kafka broker exited with code {code} while starting\n{self._tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise KafkaBrokerError(
-                    f"Kafka broker on {self.bootstrap} not ready after {timeout:.0f} s "
-                    f"({last_error})\n{self._tail()}"
-                )
-            if not self._accepting():
-                time.sleep(0.1)
-                continue
-            if admin is None:
-                admin = AdminClient(self._client_config())
-            try:
-                metadata = admin.list_topics(timeout=max(0.5, min(5.0, remaining)))
-            except KafkaException as exc:
-                last_error = str(exc)
-                time.sleep(0.2)
-                continue
-            if metadata.brokers:
-                return
-            last_error = "metadata lists no broker"
-            time.sleep(0.2)
-
-    def log_tail(self, lines: int = 60) -> str:
-        """The last lines of the broker's own log (stdout and stderr of the JVM)."""
         try:
-            text = self.log_file.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+            super().wait_ready(timeout)
+        finally:
+            self._admin = None
 
-    def _tail(self) -> str:
-        return f"--- last lines of {self.log_file} ---\n{self.log_tail()}"
+    def _probe(self, pid: int, remaining: float) -> str | None:
+        if not self._accepting():
+            return "listener not accepting connections yet"
+        if self._admin is None:
+            self._admin = AdminClient(self._client_config())
+        try:
+            metadata = self._admin.list_topics(timeout=max(0.5, min(5.0, remaining)))
+        except KafkaException as exc:
+            return str(exc)
+        return None if metadata.brokers else "metadata lists no broker"
 
     def _accepting(self) -> bool:
         try:
@@ -368,6 +224,17 @@ class KafkaBroker:
         return {"bootstrap.servers": self.bootstrap, "logger": log}
 
     # --- internals -------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Fetch the jars, write the configuration, format the storage the first time."""
+        self._libs = fetch_kafka()
+        self._write_config()
+        if not (self.data_dir / "meta.properties").exists():
+            self._format(self._libs)
+
+    def _command(self) -> list[str]:
+        assert self._libs is not None, "_prepare() runs first"
+        return [*self._java_command(self._libs), "kafka.Kafka", str(self.config_file)]
 
     def _write_config(self) -> None:
         props = self.server_properties()
@@ -395,46 +262,11 @@ class KafkaBroker:
             "--config",
             str(self.config_file),
         ]
-        done = subprocess.run(
-            command,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_tool(command, KafkaBrokerError, timeout=120, what="kafka-storage format")
         (self.workdir / "format.log").write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
             output = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
             raise KafkaBrokerError(f"kafka-storage format failed ({done.returncode}):\n{output}")
-
-    def _spawn(self, libs: Path) -> None:
-        self.starts += 1
-        self._log_fh = self.log_file.open("ab")
-        self._log_fh.write(f"=== start #{self.starts} ===\n".encode())
-        self._log_fh.flush()
-        self._proc = subprocess.Popen(
-            [*self._java_command(libs), "kafka.Kafka", str(self.config_file)],
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches pytest only; it stops the broker
-            preexec_fn=_die_with_parent(),
-        )
-        if not self._atexit_registered:
-            atexit.register(self._at_exit)
-            self._atexit_registered = True
-
-    def _reap(self) -> None:
-        self._proc = None
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def _at_exit(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop(timeout=10.0)
 
 
 def broker_fixture(
@@ -450,12 +282,7 @@ def broker_fixture(
 
     @pytest.fixture(scope=scope, name=name)
     def _broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-        broker = KafkaBroker(tmp_path_factory.mktemp(name), properties=properties)
-        try:
-            broker.start()
-            yield broker
-        finally:
-            broker.stop()
+        yield from KafkaBroker(tmp_path_factory.mktemp(name), properties=properties).serve()
 
     return _broker
 

@@ -6,7 +6,9 @@ process's child, so it can be SIGKILLed for fault tests and is stopped if pytest
 It listens on 127.0.0.1 on a free port, with its Unix socket inside its directory, trust
 authentication for the role ``mics`` (any password is accepted), and fsync and
 full_page_writes off for speed; committed data still survives ``kill()`` (see
-``SERVER_SETTINGS``). Its log goes to ``postgres.log`` in that directory.
+``SERVER_SETTINGS``). Its log goes to ``postgres.log`` in that directory. The process
+handling (work directory, stop, restart, cleanup) is
+:class:`tests.support.process.ServiceProcess`'s; ``kill()`` is PostgreSQL's own.
 
 PostgreSQL refuses to run as root. Under root the directory is given to the ``postgres``
 OS user (created by Debian's package) and ``initdb``/``postgres`` run as that user.
@@ -36,31 +38,38 @@ If the binaries are missing, the first start runs ``scripts/install-services``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import os
 import pwd
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-INSTALL_SCRIPT = REPO / "scripts" / "install-services"
+# OWNER_FILE, die_with_parent, free_port and remove_stale_workdirs: formerly defined
+# here, still importable from here.
+from tests.support.process import INSTALL_SCRIPT as INSTALL_SCRIPT
+from tests.support.process import OWNER_FILE as OWNER_FILE
+from tests.support.process import (
+    ServiceProcess,
+    ServiceProcessError,
+    pid_alive,
+    run_install_services,
+    run_tool,
+)
+from tests.support.process import die_with_parent as die_with_parent
+from tests.support.process import free_port as free_port
+from tests.support.process import remove_stale_workdirs as remove_stale_workdirs
+
 PG_ROOT = Path("/usr/lib/postgresql")
 
 USER = "mics"
@@ -68,7 +77,6 @@ DEFAULT_DATABASE = "postgres"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 WORKDIR_PREFIX = "mics-pg-"
-OWNER_FILE = "owner.pid"
 
 # Speed over durability against *machine* crashes, which a test cluster never survives
 # anyway. Not against process crashes: synchronous_commit stays on, so a commit is in the
@@ -92,73 +100,11 @@ SERVER_SETTINGS: dict[str, str] = {
 }
 
 
-class PostgresServerError(RuntimeError):
+class PostgresServerError(ServiceProcessError):
     """The server could not be found, initialised, started, stopped or queried."""
 
 
-# --- process helpers, shared with tests/support/redis.py ----------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range.
-
-    Outgoing connections take their local ports from the ephemeral range, so a port
-    below it cannot be grabbed by a client while the server is down for a restart.
-    """
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = range(max(1024, low - 12000), low) if low > 3024 else range(20000, 30000)
-    for _ in range(200):
-        port = random.choice(candidates)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        fallback: int = sock.getsockname()[1]
-        return fallback
-
-
-def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send ``sig`` to the child when pytest dies.
-
-    Covers a run killed outright (no finally, no atexit). Only from the main thread: the
-    signal fires when the *thread* that forked exits, and a worker thread
-    (``asyncio.to_thread``) would take the server down with it.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
-
-    return preexec
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat[stat.rfind(")") + 2 :].split(" ", 1)[0] not in ("Z", "X")
+# --- killing a process tree ------------------------------------------------------------
 
 
 def child_pids(parent: int, *, zombies: bool = False) -> list[int]:
@@ -216,37 +162,6 @@ def _reap_orphans(pids: list[int], timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def remove_stale_workdirs(prefix: str) -> None:
-    """Delete work directories left by earlier runs that were killed (owner pid gone)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        try:
-            owner = int((path / OWNER_FILE).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if owner != os.getpid() and not pid_alive(owner):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def run_install_services(error: type[Exception] = PostgresServerError) -> None:
-    """Run ``scripts/install-services`` (silent and instant when all is installed)."""
-    try:
-        done = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise error(f"{INSTALL_SCRIPT} failed: {exc}") from exc
-    if done.returncode != 0:
-        raise error(
-            f"{INSTALL_SCRIPT} exited with {done.returncode}:\n"
-            f"{done.stdout.strip()}\n{done.stderr.strip()}"
-        )
-
-
 # --- binaries --------------------------------------------------------------------------
 
 
@@ -281,7 +196,7 @@ def find_pg_bindir(*, install: bool = True) -> Path:
         if (bindir / "initdb").is_file():
             return bindir
     if install:
-        run_install_services()
+        run_install_services(PostgresServerError)
         return find_pg_bindir(install=False)
     raise PostgresServerError(
         "PostgreSQL server binaries not found (looked in /usr/lib/postgresql/*/bin and "
@@ -320,10 +235,23 @@ class PostgresDatabase:
         return self.server.async_url_for(self.name)
 
 
-class PostgresServer:
+class PostgresServer(ServiceProcess):
     """One private PostgreSQL cluster. Port and data directory are chosen once, in the
     constructor, and kept across ``stop()``/``kill()`` and ``start()``.
+
+    ``start()`` runs initdb the first time; ``stop()`` is a fast shutdown (SIGINT:
+    sessions are ended, data is flushed), then an immediate one (SIGQUIT), then
+    ``kill()``; ``kill()`` crashes the postmaster and all it forked, and the next
+    ``start()`` runs crash recovery on the same data.
     """
+
+    name = "postgres"
+    error = PostgresServerError
+    workdir_prefix = WORKDIR_PREFIX
+    log_name = "postgres.log"
+    stop_timeout = STOP_TIMEOUT_S
+    death_signal = signal.SIGINT
+    port_taken_messages = ("could not bind", "Address already in use")
 
     def __init__(
         self,
@@ -332,27 +260,14 @@ class PostgresServer:
         settings: Mapping[str, str | int] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
-        self._owns_workdir = workdir is None
-        if workdir is None:
-            remove_stale_workdirs(WORKDIR_PREFIX)
-            workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
-        self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        super().__init__(workdir, ready_timeout=ready_timeout)
         self.data_dir = self.workdir / "data"
         self.socket_dir = self.workdir / "run"
-        self.log_file = self.workdir / "postgres.log"
-        self.port = free_port()
         self.user = USER
         self.database = DEFAULT_DATABASE
-        self.ready_timeout = ready_timeout
         self._settings = {**SERVER_SETTINGS, **{k: str(v) for k, v in (settings or {}).items()}}
         self._bindir: Path | None = None
         self._run_as = _run_as()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_fh: IO[bytes] | None = None
-        self._atexit_registered = False
-        self.starts = 0
 
     # --- addresses -------------------------------------------------------------------
 
@@ -373,15 +288,6 @@ class PostgresServer:
         return self.async_url_for(self.database)
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while it runs."""
-        return self._proc.pid if self.running and self._proc else None
-
-    @property
     def version(self) -> int:
         """The cluster's major version (from ``PG_VERSION``; 0 before ``initdb``)."""
         try:
@@ -395,99 +301,34 @@ class PostgresServer:
             self._bindir = find_pg_bindir()
         return self._bindir
 
-    # --- lifecycle -------------------------------------------------------------------
+    # --- lifecycle: PostgreSQL's own parts -------------------------------------------
 
-    def start(self) -> None:
-        """Start the server (running initdb the first time) and wait until it accepts
-        connections. The first start moves to another free port if its port was taken
-        in the meantime; later starts keep the port.
-        """
-        if self.running:
-            raise PostgresServerError(f"postgres already running (pid {self.pid})")
-        if not (self.data_dir / "PG_VERSION").exists():
-            self._initdb()
-        attempts = 3 if self.starts == 0 else 1
-        for attempt in range(attempts):
-            self._spawn()
-            try:
-                self.wait_ready(self.ready_timeout)
-                return
-            except BaseException as exc:
-                self.kill()
-                port_taken = isinstance(exc, PostgresServerError) and (
-                    "could not bind" in str(exc) or "Address already in use" in str(exc)
-                )
-                if port_taken and attempt + 1 < attempts:
-                    self.port = free_port()
-                    continue
-                raise
+    def _stop_signals(self, timeout: float) -> tuple[tuple[signal.Signals, float], ...]:
+        return ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0))
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Fast shutdown (SIGINT: sessions are ended, data is flushed); if the server is
-        still up after ``timeout`` seconds, immediate shutdown, then SIGKILL.
-        """
-        proc = self._proc
-        if proc is None:
-            return
-        for sig, wait_s in ((signal.SIGINT, timeout), (signal.SIGQUIT, 5.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait_s)
-        if proc.poll() is None:
-            self.kill()
-            return
-        self._reap()
-
-    def kill(self) -> None:
-        """Crash the server: SIGKILL the postmaster and every process it forked, with no
-        shutdown at all. The next ``start()`` runs crash recovery on the same data.
+    def _kill_process(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the postmaster and every process it forked, with no shutdown at all.
 
         Each PostgreSQL child is its own session leader, so the postmaster is stopped
         first (it can fork no more), its children are listed, then all are killed and
         reaped; returns once none is left (a survivor attached to the shared memory would
         make the next start fail).
         """
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            # Orphans go to the nearest subreaper: be it, so the killed children are
-            # reaped here and now, not whenever init gets to them.
-            with _child_subreaper():
+        # Orphans go to the nearest subreaper: be it, so the killed children are reaped
+        # here and now, not whenever init gets to them.
+        with _child_subreaper():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGSTOP)
+            # Zombies too: children that exited but the stopped postmaster did not reap
+            # yet become ours to reap once it is gone.
+            children = child_pids(proc.pid, zombies=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            for child in children:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGSTOP)
-                # Zombies too: children that exited but the stopped postmaster did not
-                # reap yet become ours to reap once it is gone.
-                children = child_pids(proc.pid, zombies=True)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                for child in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child, signal.SIGKILL)
-                proc.wait()
-                _reap_orphans(children)
-        self._reap()
-
-    def restart(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop (if running) and start again on the same port and data directory."""
-        self.stop(timeout)
-        self.start()
-
-    def close(self) -> None:
-        """Stop the server; remove its directory if this object created it."""
-        self.stop()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+                    os.kill(child, signal.SIGKILL)
+            proc.wait()
+            _reap_orphans(children)
 
     # --- databases -------------------------------------------------------------------
 
@@ -512,18 +353,7 @@ class PostgresServer:
             "-c",
             sql,
         ]
-        try:
-            done = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-                env=_client_env(),
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PostgresServerError(f"psql failed: {exc}") from exc
+        done = run_tool(command, PostgresServerError, timeout=60, what="psql", env=_client_env())
         if done.returncode != 0:
             raise PostgresServerError(f"psql {sql!r} failed: {done.stderr.strip()}")
         return done.stdout
@@ -540,41 +370,24 @@ class PostgresServer:
         """Drop a database, terminating any sessions still connected to it."""
         self.execute(f'DROP DATABASE IF EXISTS "{_identifier(name)}" WITH (FORCE)')
 
-    # --- readiness and diagnostics ---------------------------------------------------
+    # --- readiness -------------------------------------------------------------------
 
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the server accepts connections, or raise with the end of its log.
-
-        Polls the status line of ``postmaster.pid`` (``starting`` -> ``ready``, what
+    def _probe(self, pid: int, remaining: float) -> str | None:
+        """Polls the status line of ``postmaster.pid`` (``starting`` -> ``ready``, what
         ``pg_ctl -w`` waits on; a stale file left by ``kill()`` names another pid), then
         proves it with a real connection (``pg_isready``).
         """
-        deadline = time.monotonic() + timeout
-        last = "postmaster.pid not written yet"
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise PostgresServerError(
-                    f"postgres exited with code {code} while starting\n{self._tail()}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PostgresServerError(
-                    f"postgres on 127.0.0.1:{self.port} not ready after {timeout:.0f} s "
-                    f"({last})\n{self._tail()}"
-                )
-            status = self._pidfile_status(proc.pid)
-            if status == "ready":
-                answer = self._pg_isready(max(1, min(5, int(remaining))))
-                if answer == 0:
-                    return
-                last = {1: "rejecting connections", 2: "no response"}.get(
-                    answer, f"pg_isready exit {answer}"
-                )
-            elif status:
-                last = f"postmaster.pid says {status!r}"
-            time.sleep(0.01)
+        status = self._pidfile_status(pid)
+        if not status:
+            return "postmaster.pid not written yet"
+        if status != "ready":
+            return f"postmaster.pid says {status!r}"
+        answer = self._pg_isready(max(1, min(5, int(remaining))))
+        if answer == 0:
+            return None
+        return {1: "rejecting connections", 2: "no response"}.get(
+            answer, f"pg_isready exit {answer}"
+        )
 
     def _pidfile_status(self, pid: int) -> str | None:
         try:
@@ -597,16 +410,6 @@ class PostgresServer:
         )
         return done.returncode
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_file.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _tail(self) -> str:
-        return f"--- last lines of {self.log_file} ---\n{self.log_tail()}"
-
     # --- internals -------------------------------------------------------------------
 
     def _as_user(self) -> dict[str, Any]:
@@ -624,6 +427,11 @@ class PostgresServer:
             for name in dirs + files:
                 os.lchown(os.path.join(root, name), uid, gid)
 
+    def _prepare(self) -> None:
+        """Run initdb the first time."""
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+
     def _initdb(self) -> None:
         self.socket_dir.mkdir(exist_ok=True)
         self._chown_workdir()
@@ -639,30 +447,21 @@ class PostgresServer:
             "--no-sync",
             "--no-instructions",
         ]
-        try:
-            done = subprocess.run(
-                command,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-                env=_server_env(),
-                **self._as_user(),
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PostgresServerError(f"initdb failed: {exc}") from exc
+        done = run_tool(
+            command,
+            PostgresServerError,
+            timeout=120,
+            what="initdb",
+            cwd=self.workdir,
+            env=_server_env(),
+            **self._as_user(),
+        )
         (self.workdir / "initdb.log").write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
             output = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
             raise PostgresServerError(f"initdb failed ({done.returncode}):\n{output}")
 
-    def _spawn(self) -> None:
-        self.starts += 1
-        self._log_fh = self.log_file.open("ab")
-        self._log_fh.write(f"=== start #{self.starts} on port {self.port} ===\n".encode())
-        self._log_fh.flush()
+    def _command(self) -> list[str]:
         settings = {
             **self._settings,
             "listen_addresses": "127.0.0.1",
@@ -670,30 +469,10 @@ class PostgresServer:
             "unix_socket_directories": str(self.socket_dir),
         }
         options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
-        self._proc = subprocess.Popen(
-            [str(self.bindir / "postgres"), "-D", str(self.data_dir), *options],
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            env=_server_env(),
-            start_new_session=True,  # Ctrl-C reaches pytest only; it stops the server
-            preexec_fn=die_with_parent(signal.SIGINT),  # after setuid: survives it
-            **self._as_user(),
-        )
-        if not self._atexit_registered:
-            atexit.register(self._at_exit)
-            self._atexit_registered = True
+        return [str(self.bindir / "postgres"), "-D", str(self.data_dir), *options]
 
-    def _reap(self) -> None:
-        self._proc = None
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def _at_exit(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+    def _popen_options(self) -> dict[str, Any]:
+        return {"env": _server_env(), **self._as_user()}
 
 
 def _identifier(name: str) -> str:
@@ -720,12 +499,7 @@ def _client_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the whole session; always stopped and removed."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from PostgresServer().serve()
 
 
 @pytest.fixture
