@@ -284,13 +284,12 @@ class OfflineStack:
         return await asyncio.to_thread(lag)
 
     async def pause_consumer(self) -> None:
-        """Stop consuming: the batch in progress is stored and committed, the group left."""
-        await self.backend.consumers.stop()
-        assert not any(c.running for c in self.backend.consumers.consumers)
+        """Stop fetching (no rebalance: the consumers keep their partitions)."""
+        await self.backend.consumers.pause()
 
     async def resume_consumer(self) -> None:
-        """Consume again, from the group's committed offsets."""
-        await self.backend.consumers.start()
+        """Fetch again from where the consumers paused."""
+        await self.backend.consumers.resume()
 
     # -- backend restart -------------------------------------------------------------
 

@@ -15,7 +15,9 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from mics.backend import BackendConfig, BackendServer, TenantConfig, UserConfig
-from mics.backend.consumer import group_id_for
+from mics.backend.consumer import OfflineConsumer, group_id_for
+from mics.backend.ingest import StoreFailed
+from mics.backend.state import BackendState
 from mics.backend.store import OfflineRepository
 from mics.events.bus import topic_for
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
@@ -23,6 +25,7 @@ from mics.protocol.pb import mics_message_pb2 as msg_pb
 from mics.protocol.signing import sign_event
 from tests.support.kafka import KafkaBroker
 from tests.support.postgres import PostgresDatabase, PostgresServer
+from tests.support.waiting import wait_until
 
 SECRET = "kafka-secret"
 PARTITIONS = 3
@@ -467,3 +470,210 @@ def test_no_consumer_without_bootstrap_servers(sqlite_url: str) -> None:
         == []
     )
     _: Any = None
+
+
+# -- pipelining, lone events, pause and resume -------------------------------------------
+
+
+async def test_a_failed_batch_mid_stream_is_stored_once_with_what_follows(
+    kafka_broker: KafkaBroker,
+    postgres_db: PostgresDatabase,
+    started: list[BackendServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches are decoded and polled ahead of the one being stored: when a store fails,
+    it and everything read after it are read again, and nothing is lost or doubled."""
+    tenant = new_tenant()
+    create_topics(kafka_broker, tenant)
+    produce(kafka_broker, tenant, offline_records(tenant, 200))
+    server = BackendServer(
+        make_config(kafka_broker, postgres_db.async_url, tenant),
+        consumer_settings={**FAST, "batch_size": 7},
+    )
+    ingestor = server.state.ingestor
+    real_store = ingestor.store
+    calls = 0
+
+    async def flaky(batch: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls in (3, 4, 9):
+            raise StoreFailed("injected")
+        return await real_store(batch)
+
+    monkeypatch.setattr(ingestor, "store", flaky)
+    await server.start()
+    started.append(server)
+    [consumer] = server.consumers.consumers
+    repo = await server.state.store.repository()
+
+    async def all_stored() -> bool:
+        return await row_count(repo, tenant) == 200
+
+    await eventually(all_stored, "200 rows")
+    ends = await asyncio.to_thread(end_offsets, kafka_broker, tenant)
+
+    async def all_committed() -> bool:
+        return await asyncio.to_thread(committed, kafka_broker, consumer.group_id, tenant) == ends
+
+    await eventually(all_committed, "offsets committed to the end")
+    rows = await all_rows(repo, tenant)
+    assert len(rows) == len(set(rows)) == 200
+    assert metric(server, "offline_message_stored_total", tenant=tenant) == 200
+    assert consumer.batches_failed >= 3
+
+
+async def test_a_lone_event_does_not_wait_for_a_full_batch(
+    kafka_broker: KafkaBroker, sqlite_url: str
+) -> None:
+    """With a large batch and a poll timeout longer than this test waits, a single event
+    is still stored: the poll waits for the first record only."""
+    tenant = new_tenant()
+    create_topics(kafka_broker, tenant)
+    state = BackendState.from_config(make_config(kafka_broker, sqlite_url, tenant))
+    consumer = OfflineConsumer(
+        kafka_broker.bootstrap,
+        group_id_for(tenant),
+        [topic_for(tenant)],
+        state.ingestor,
+        state.metrics,
+        options={"topic.metadata.refresh.interval.ms": 1000},
+        batch_size=5000,
+        poll_timeout_s=45.0,
+        lag_interval_s=0.2,
+    )
+    await consumer.start()
+    repo = await state.store.repository()
+    try:
+        await wait_until(lambda: len(consumer.assigned) == PARTITIONS, 30, "assignment")
+        produce(kafka_broker, tenant, offline_records(tenant, 1, "lone"))
+
+        async def stored() -> bool:
+            return await row_count(repo, tenant) == 1
+
+        await eventually(stored, "the lone event", within=20)
+    finally:
+        # The poll in progress waits for a record (up to 45 s): stopping finishes the
+        # batch that wakes it, and commits it.
+        stopping = asyncio.create_task(consumer.stop())
+        await asyncio.sleep(0)
+        produce(kafka_broker, tenant, offline_records(tenant, 1, "wake"))
+        await stopping
+        try:
+            assert await row_count(repo, tenant) == 2
+            ends = await asyncio.to_thread(end_offsets, kafka_broker, tenant)
+            group = group_id_for(tenant)
+            assert await asyncio.to_thread(committed, kafka_broker, group, tenant) == ends
+        finally:
+            await state.store.close()
+
+
+async def lag_total(server_or_state: BackendServer | BackendState, tenant: str) -> float:
+    state = server_or_state.state if isinstance(server_or_state, BackendServer) else server_or_state
+    return sum(
+        state.metrics.registry.registry.get_sample_value(
+            "kafka_consumer_lag", {"tenant": tenant, "partition": str(p)}
+        )
+        or 0.0
+        for p in range(PARTITIONS)
+    )
+
+
+async def test_pause_stops_reading_without_a_rebalance_and_resume_goes_on(
+    kafka_broker: KafkaBroker, sqlite_url: str, started: list[BackendServer]
+) -> None:
+    tenant = new_tenant()
+    create_topics(kafka_broker, tenant)
+    produce(kafka_broker, tenant, offline_records(tenant, 10, "a"))
+    server = await start(started, make_config(kafka_broker, sqlite_url, tenant))
+    [consumer] = server.consumers.consumers
+    group = consumer.group_id
+    repo = await server.state.store.repository()
+
+    async def first_ten() -> bool:
+        return await row_count(repo, tenant) == 10
+
+    await eventually(first_ten, "rows before the pause")
+    ends = await asyncio.to_thread(end_offsets, kafka_broker, tenant)
+
+    async def first_committed() -> bool:
+        return await asyncio.to_thread(committed, kafka_broker, group, tenant) == ends
+
+    await eventually(first_committed, "offsets before the pause")
+    assignments = consumer.assignments
+    assert len(consumer.assigned) == PARTITIONS
+
+    await server.consumers.pause()
+    assert consumer.paused
+    produce(kafka_broker, tenant, offline_records(tenant, 20, "b"))
+
+    # The backlog shows in the lag while nothing is read.
+    async def backlog() -> bool:
+        return await lag_total(server, tenant) == 20
+
+    await eventually(backlog, "lag of the paused backlog")
+    polls = consumer.polls
+    await wait_until(lambda: consumer.polls >= polls + 3, 10, "polls while paused")
+    assert await row_count(repo, tenant) == 10
+    assert await asyncio.to_thread(committed, kafka_broker, group, tenant) == ends
+    assert consumer.assignments == assignments  # still in the group: no rebalance
+
+    await server.consumers.resume()
+    assert not consumer.paused
+
+    async def thirty() -> bool:
+        return await row_count(repo, tenant) == 30
+
+    await eventually(thirty, "rows after resume")
+    ends = await asyncio.to_thread(end_offsets, kafka_broker, tenant)
+    await eventually(first_committed, "offsets after resume")
+
+    async def no_lag() -> bool:
+        return await lag_total(server, tenant) == 0
+
+    await eventually(no_lag, "lag back to zero")
+    assert consumer.assignments == assignments
+    rows = await all_rows(repo, tenant)
+    assert len(rows) == len(set(rows)) == 30
+
+
+async def test_partitions_assigned_while_paused_stay_paused(
+    kafka_broker: KafkaBroker, sqlite_url: str
+) -> None:
+    tenant = new_tenant()
+    create_topics(kafka_broker, tenant)
+    produce(kafka_broker, tenant, offline_records(tenant, 5))
+    state = BackendState.from_config(make_config(kafka_broker, sqlite_url, tenant))
+    consumer = OfflineConsumer(
+        kafka_broker.bootstrap,
+        group_id_for(tenant),
+        [topic_for(tenant)],
+        state.ingestor,
+        state.metrics,
+        options={"topic.metadata.refresh.interval.ms": 1000},
+        **FAST,
+    )
+    await consumer.pause()  # before it joins the group
+    await consumer.start()
+    repo = await state.store.repository()
+    try:
+        await wait_until(lambda: len(consumer.assigned) == PARTITIONS, 30, "assignment")
+
+        async def backlog() -> bool:
+            return await lag_total(state, tenant) == 5
+
+        await eventually(backlog, "lag of the paused backlog")
+        polls = consumer.polls
+        await wait_until(lambda: consumer.polls >= polls + 3, 10, "polls while paused")
+        assert await row_count(repo, tenant) == 0
+
+        await consumer.resume()
+
+        async def five() -> bool:
+            return await row_count(repo, tenant) == 5
+
+        await eventually(five, "rows after resume")
+        assert consumer.assignments == 1
+    finally:
+        await consumer.stop()
+        await state.store.close()

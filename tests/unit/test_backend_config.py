@@ -19,6 +19,7 @@ from mics.backend.config import (
     parse_config,
 )
 from mics.backend.demo import demo_config
+from mics.backend.state import BackendState
 
 
 def _tenant(**fields: Any) -> dict[str, Any]:
@@ -67,6 +68,24 @@ def test_defaults() -> None:
     assert tenant.hook_max_concurrency is None
     assert (tenant.users, tenant.groups, tenant.blocked_words) == ({}, {}, [])
     assert config.resolved_public_url(8090) == "http://127.0.0.1:8090"
+
+
+def test_database_pool_size(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    default = BackendConfig(database_url=url)
+    assert (default.database_pool_size, default.database_max_overflow) == (10, None)
+    store = BackendState.from_config(default).store
+    assert (store.pool_size, store.max_overflow) == (10, 10)  # unchanged: 10 + 10
+
+    path = tmp_path / "backend.toml"
+    path.write_text("database_pool_size = 4\ndatabase_max_overflow = 0\n", encoding="utf-8")
+    sized = load_config(path)
+    assert (sized.database_pool_size, sized.database_max_overflow) == (4, 0)
+    store = BackendState.from_config(sized).store
+    assert (store.pool_size, store.max_overflow) == (4, 0)
+    # Overflow follows the pool size unless given.
+    store = BackendState.from_config(BackendConfig(database_pool_size=3)).store
+    assert (store.pool_size, store.max_overflow) == (3, 3)
 
 
 def test_public_url_is_normalized_and_wins() -> None:
@@ -146,6 +165,8 @@ def test_offline_mode_empty_allowed() -> None:
         ({"clock_skew_seconds": 0}, "clock_skew_seconds"),
         ({"public_url": "backend:8090"}, "public_url must start with http"),
         ({"admin_token": ""}, "admin_token must not be empty"),
+        ({"database_pool_size": 0}, "database_pool_size"),
+        ({"database_max_overflow": -1}, "database_max_overflow"),
     ],
 )
 def test_validation_errors(data: dict[str, Any], message: str) -> None:

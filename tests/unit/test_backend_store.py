@@ -11,7 +11,9 @@ import datetime as dt
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import text
 
@@ -26,6 +28,7 @@ from mics.backend.store import (
     check_database_url,
     day_of,
     migrate,
+    pgdriver,
 )
 from mics.backend.store.repository import day_bounds
 from tests.support.postgres import PostgresDatabase
@@ -210,6 +213,13 @@ async def test_concurrent_writers_commit_in_id_order_per_recipient(
     release = asyncio.Event()
 
     async def slow_writer() -> None:
+        if repo.dialect == "postgresql":
+            # The path store() takes on PostgreSQL: the asyncpg connection.
+            async with pgdriver.driver_connection(repo.engine) as raw, raw.transaction():
+                await repo._store_postgresql_in(raw, [msg(mid="first")], None)
+                reached.set()
+                await release.wait()
+            return
         async with repo._write() as conn:
             await repo._store_in(conn, [msg(mid="first")], None)
             reached.set()
@@ -358,6 +368,175 @@ async def test_count_stored_by_day_and_stats(repo: OfflineRepository) -> None:
     # Counters add up across transactions.
     await repo.store([], {("2023-11-14", "t1"): Stats(invalid=2)})
     assert (await repo.consume_stats(day))["t1"].invalid == 2
+
+
+# -- batch insert, fast reads (on PostgreSQL: the asyncpg driver paths) --------------------
+
+
+def test_insert_arrays_follow_new_message_fields() -> None:
+    # insert_rows passes the columns of NewMessage in field order as $1..$10.
+    listed = pgdriver.INSERT_SQL.split("AS r(", 1)[1].split(")", 1)[0]
+    assert [c.strip() for c in listed.split(",")] == list(NewMessage._fields)
+
+
+def test_day_of_matches_the_calendar() -> None:
+    for ts in (0, 1, T0, -1, -DAY_MS, 253_402_300_799_999, 951_782_400_000):  # 2000-02-29
+        expected = dt.datetime.fromtimestamp(ts / 1000, tz=dt.UTC).date().isoformat()
+        assert day_of(ts) == expected
+
+
+async def test_batch_insert_is_idempotent_and_keeps_batch_order(repo: OfflineRepository) -> None:
+    """One batch as the consumer stores it: thousands of rows, several tenants and
+    recipients, duplicates inside the batch and across batches, any bytes."""
+    data = bytes(range(256)) * 2  # NUL bytes and everything else
+    rows = [
+        msg(
+            user=f"ü{i % 7}",
+            mid=f"m{i:05d}",
+            sender=f"s{i % 3}",
+            tenant="t1" if i % 5 else "t2",
+            created=T0 + i,
+            priority=i % 4,
+            data=data + i.to_bytes(4, "big"),
+            group="g1" if i % 11 == 0 else "",
+        )
+        for i in range(2500)
+    ]
+    batch = [*rows, rows[0], rows[1234]]  # a redelivery inside the batch
+    stats = {(day_of(T0), "t1"): Stats(consumed=len(batch))}
+    outcome = await repo.store(batch, stats)
+    assert outcome.inserted == 2500
+    assert outcome.inserted_by_tenant == {"t1": 2000, "t2": 500}
+    assert sum(outcome.duplicates_by_tenant.values()) == 2
+    assert len(outcome.recipients) == 14
+
+    again = await repo.store(rows[::2], None)  # Kafka redelivering part of it
+    assert again.inserted == 0
+    assert again.recipients == frozenset()
+    assert again.duplicates_by_tenant == {"t1": 1000, "t2": 250}
+    assert (await repo.consume_stats(dt.date(2023, 11, 14)))["t1"].stored == 2000
+
+    # Per recipient, ids follow the batch: the stored order is the consumed order.
+    for tenant in ("t1", "t2"):
+        for user in {r.user_id for r in rows if r.tenant_id == tenant}:
+            stored = await repo.fetch_page(tenant, user, 0, 10_000)
+            expected = [r for r in rows if (r.tenant_id, r.user_id) == (tenant, user)]
+            assert [m.message_id for m in stored] == [r.message_id for r in expected]
+            assert [m.id for m in stored] == sorted(m.id for m in stored)
+            for got, want in zip(stored, expected, strict=True):
+                assert (
+                    got.from_user_id,
+                    got.message_data,
+                    got.priority,
+                    got.created_at,
+                    got.group_id,
+                    got.message_type,
+                    got.delivered,
+                ) == (
+                    want.from_user_id,
+                    want.message_data,
+                    want.priority,
+                    want.created_at,
+                    want.group_id,
+                    want.message_type,
+                    False,
+                )
+
+
+@pytest.mark.parametrize("order_by_priority", [False, True])
+async def test_pull_data_is_the_pull_as_bytes(
+    repo: OfflineRepository, order_by_priority: bool
+) -> None:
+    await repo.store_batch(
+        [msg(mid=f"m{i}", priority=(i * 7) % 3, created=T0 + (i % 4)) for i in range(30)]
+    )
+    await repo.store_batch([msg(user="u2", mid="other")])
+    full = await repo.pull("t1", "u1", 0, 100)
+    for after in (0, full.messages[9].id, full.messages[28].id, full.messages[29].id):
+        for limit in (1, 7, 20, 100):
+            page = await repo.pull("t1", "u1", after, limit, order_by_priority=order_by_priority)
+            data = await repo.pull_data(
+                "t1", "u1", after, limit, order_by_priority=order_by_priority
+            )
+            assert data.messages == [m.message_data for m in page.messages]
+            assert (data.has_more, data.last_id) == (page.has_more, page.last_id)
+    with pytest.raises(ValueError, match="limit"):
+        await repo.pull_data("t1", "u1", 0, 0)
+
+
+async def test_pull_data_can_mark_on_fetch(repo: OfflineRepository) -> None:
+    await repo.store_batch([msg(mid=f"m{i}") for i in range(3)])
+    page = await repo.pull_data("t1", "u1", 0, 2, mark_delivered=True, now=T0)
+    assert page.messages == [b"s1:m0", b"s1:m1"]
+    assert ids(await repo.fetch_page("t1", "u1", 0, 10)) == ["m2"]
+
+
+async def test_reads_and_writes_survive_connections_ended_by_the_server(
+    repo: OfflineRepository, postgres_db: PostgresDatabase
+) -> None:
+    """No pre-ping: pooled connections that the server ended (a restart, an
+    administrator) are dropped or retried, and the next read or write works."""
+    if repo.dialect != "postgresql":
+        pytest.skip("PostgreSQL connections")
+    await repo.store_batch([msg(mid="m1")])
+    # Several connections in the pool and kept for reads.
+    await asyncio.gather(*(repo.pull_data("t1", "u1", 0, 10) for _ in range(6)))
+    admin = await asyncpg.connect(postgres_db.dsn)
+    try:
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert ended >= 1
+
+        async def others() -> int:
+            return int(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while await others():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+    for _ in range(3):
+        page = await repo.pull_data("t1", "u1", 0, 10)
+        assert page.messages == [b"s1:m1"]
+    assert ids(await repo.fetch_page("t1", "u1", 0, 10)) == ["m1"]
+    assert await repo.store_batch([msg(mid="m2")]) == 1
+    assert await repo.mark_delivered_upto("t1", "u1", 10**9) == 2
+
+
+async def test_pool_size_is_configurable(database_url: str) -> None:
+    default = Store(database_url)
+    sized = Store(database_url, pool_size=3, max_overflow=2)
+    try:
+        for store, size, overflow in ((default, 10, 10), (sized, 3, 2)):
+            repo = await store.open()
+            pool: Any = repo.engine.sync_engine.pool
+            assert (pool.size(), pool._max_overflow) == (size, overflow)
+            assert await repo.count_pending("t1", "u1") == 0
+    finally:
+        await default.close()
+        await sized.close()
+    with pytest.raises(StoreConfigError):
+        await Store(database_url, pool_size=0).open()
+
+
+async def test_page_query_uses_the_partial_index_on_postgresql(repo: OfflineRepository) -> None:
+    if repo.dialect != "postgresql":
+        pytest.skip("PostgreSQL query plan")
+    await repo.store_batch([msg(mid=f"m{i}") for i in range(20)])
+    async with pgdriver.driver_connection(repo.engine) as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        for sql in (pgdriver.PAGE_SQL, pgdriver.PAGE_PRIORITY_SQL, pgdriver.FULL_PAGE_SQL):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, "t1", "u1", 5, 101))
+            assert "ix_offline_messages_pending" in plan
+            assert "Sort" not in plan  # the index gives id order
 
 
 async def test_keyset_query_uses_the_partial_index(store: Store, repo: OfflineRepository) -> None:

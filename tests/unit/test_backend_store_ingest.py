@@ -208,6 +208,16 @@ async def test_other_event_types_are_ignored_without_touching_the_store(
             {"reason": "invalid_data"},
         ),
         (
+            offline_event(mid="\U0001f600" * 129),  # 129 characters, 516 bytes
+            "offline_message_skipped_total",
+            {"reason": "invalid_data"},
+        ),
+        (
+            offline_event(ts=10**17),  # past year 9999: no day to count it on
+            "offline_message_skipped_total",
+            {"reason": "invalid_data"},
+        ),
+        (
             offline_event(
                 message=msg_pb.MessageRequest(tenant_id="demo", user_id="alice", msg_id="other")
             ),
@@ -229,6 +239,8 @@ async def test_other_event_types_are_ignored_without_touching_the_store(
         "no-recipient",
         "long-id",
         "nul-id",
+        "long-utf8-id",
+        "far-future",
         "data-msg-id",
         "data-tenant",
     ],
@@ -242,6 +254,13 @@ async def test_invalid_events_are_skipped_and_counted(
     assert sample(state, metric, tenant="demo", **labels) == 1
     stats = await (await state.store.repository()).consume_stats(dt.datetime.now(dt.UTC).date())
     assert stats["demo"].invalid == 1
+
+
+async def test_ids_up_to_512_utf8_bytes_are_stored(state: BackendState) -> None:
+    longest = "\U0001f600" * 128  # 512 bytes
+    outcome = await state.ingestor.ingest([wire(offline_event(longest, sender="é" * 256))])
+    assert outcome.inserted == 1
+    assert [r.message_id for r in await rows(state)] == [longest]
 
 
 async def test_event_data_that_is_not_a_message_is_skipped(state: BackendState) -> None:

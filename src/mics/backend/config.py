@@ -40,6 +40,8 @@ clock_skew_seconds = 300                         # replay window (protocol.md 9.
 # Offline store (the tenant side of the offline path, offline-design.md 3.2).
 # database_url = "postgresql+asyncpg://mics:pw@db/mics"  # "" = ./mics-offline.db
 # database_auto_migrate = true                   # false: run `mics backend migrate` yourself
+# database_pool_size = 10                        # pooled connections (+ as many on demand)
+# database_max_overflow = 10                     # extra connections under load
 # kafka_bootstrap_servers = "127.0.0.1:9092"     # "" = no Kafka consumer
 # consumer_group_mode = "per_tenant"             # or "shared"
 # gateway_urls = ["http://gateway-1:8080"]       # nudged after storing (protocol.md 9.5)
@@ -200,6 +202,11 @@ class BackendConfig(_Model):
     # Apply the schema migrations when the store opens. Turn off where migrations are a
     # deployment step (`mics backend migrate`).
     database_auto_migrate: bool = True
+    # Connections the store's pool keeps open, and how many more it may open under load
+    # (None: as many as database_pool_size). Each hook request and each consumer batch
+    # holds one connection while it runs.
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    database_max_overflow: int | None = Field(default=None, ge=0, le=1000)
     # Kafka consumer of the tenants' event topics; "" = none (events may still arrive
     # in-process, see BackendServer.event_subscriber).
     kafka_bootstrap_servers: str = ""

@@ -8,29 +8,50 @@ Groups (``consumer_group_mode``):
 * ``shared``: one consumer, group ``offline-message-consumer``, over every configured
   tenant's topic.
 
-Each consumer polls in its own worker thread (``consume(500, 0.2 s)`` through
-``run_in_executor`` on a single-thread executor, so every librdkafka call of one
-consumer, rebalance callbacks included, happens on that thread) and hands each batch
-to the event loop, which processes batches one after the other:
+Every librdkafka call of one consumer happens on its own worker thread (a single-thread
+executor): polls, commits, seeks, pauses, the lag refresh, and the rebalance and commit
+callbacks they serve. (The client serializes calls on one consumer: a call from another
+thread would wait for the poll in progress.) A poll waits up to ``poll_timeout_s`` for
+the *first* record only, then takes whatever else is already fetched, up to
+``batch_size``, without waiting: a lone event is handed over at once, a backlog in full
+batches.
 
-1. :meth:`mics.backend.ingest.OfflineIngestor.ingest` verifies and stores the batch in
-   one database transaction;
-2. only after it committed, the batch's offsets (last offset + 1 per partition) are
-   committed synchronously (``enable.auto.commit=false``);
-3. if the transaction failed, nothing is committed: every partition of the batch is
-   rewound (``seek``) to the batch's first offset, and the batch is read again after an
-   exponential backoff (0.1 s doubling up to 5 s). Kafka keeps the events; the unique
-   key makes the retry idempotent. No loss, no duplicate.
+The event loop runs a pipeline, so that the backend's CPU (decoding, verifying), the
+database's work and the next poll overlap:
 
-A failed offset commit after a successful store only means the batch is read again
+1. while batch *n* is being stored, batch *n+1* is polled (the worker thread) and
+   decoded and verified (:meth:`mics.backend.ingest.OfflineIngestor.decode_into`, on
+   the loop, in slices so that the transaction in flight keeps going);
+2. batch *n+1*'s store transaction starts when batch *n*'s has committed: at most one
+   transaction is in flight, so batches are stored in partition order;
+3. as soon as batch *n*'s transaction committed, its offsets (last offset + 1 per
+   partition) are committed asynchronously (``enable.auto.commit=false``): queued on
+   the worker thread behind the poll in progress, in batch order, and sent in that
+   order by librdkafka; no poll waits for a commit. Offsets are never committed before
+   the rows are stored, and never move backwards.
+
+If a store transaction failed, nothing is committed: the failed batch and every batch
+read after it are dropped, every partition among them is rewound (``seek``) to its
+first unstored offset, and reading resumes after an exponential backoff (0.1 s doubling
+up to 5 s). Kafka keeps the events; the unique key makes the retry idempotent. No loss,
+no duplicate row. A failed offset commit only means the stored rows are read again
 (counted in ``kafka_consumer_commit_failed_total``; stored as duplicates, no-ops).
-Rebalances happen inside ``consume``, between batches, so a batch never straddles one.
+Stopping finishes the transaction in flight and commits its offsets synchronously.
+
+:meth:`OfflineConsumer.pause` stops fetching without leaving the group (librdkafka
+``pause`` on the assignment, and on partitions assigned later; no rebalance); batches
+already read are still stored and committed. :meth:`OfflineConsumer.resume` undoes it.
 
 Metrics: ``kafka_consumer_lag{tenant,partition}`` (high watermark minus the group's
 committed offset, or minus the low watermark when the group never committed) and
 ``kafka_consumer_offset{tenant,partition}`` (committed offset) are refreshed every
-``lag_interval_s``, from librdkafka's cached high watermarks; committed offsets this
-consumer did not write itself are fetched from the coordinator in one request.
+``lag_interval_s`` between two polls, without a broker round trip per partition: the
+watermarks come from librdkafka's cache (the last fetch responses; a partition not
+fetched yet is skipped), and what the group committed before this consumer got a
+partition is asked once per assignment, for all new partitions in one request to the
+group coordinator (a few ms). While paused nothing is fetched, so the cache goes stale:
+then the high watermarks are asked from the partition leaders (there is no consumption
+to hold up).
 """
 
 from __future__ import annotations
@@ -39,14 +60,16 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from mics.backend.config import BackendConfig
-from mics.backend.ingest import OfflineIngestor, StoreFailed
+from mics.backend.ingest import DecodedBatch, OfflineIngestor, StoreFailed
 from mics.events.bus import topic_for
 
 if TYPE_CHECKING:
@@ -62,13 +85,27 @@ POLL_TIMEOUT_S = 0.2
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 LAG_INTERVAL_S = 5.0
+# Longest wait for a broker's answer in a lag refresh.
+LAG_REQUEST_TIMEOUT_S = 2.0
+# Records decoded between two turns of the event loop (~0.5 ms): each round trip of the
+# store transaction in flight waits for the slice in progress.
+DECODE_SLICE = 25
 
 _T = TypeVar("_T")
+_Key = tuple[str, int]  # (topic, partition)
 
 
 def group_id_for(tenant_id: str | None) -> str:
     """``offline-message-consumer-{tenant}``, or the shared group for ``None``."""
     return GROUP_PREFIX if tenant_id is None else f"{GROUP_PREFIX}-{tenant_id}"
+
+
+@dataclass(slots=True)
+class _Storing:
+    """The batch whose store transaction is in flight."""
+
+    records: list[Message]
+    task: asyncio.Task[None]
 
 
 class OfflineConsumer:
@@ -91,6 +128,8 @@ class OfflineConsumer:
     ) -> None:
         if not topics:
             raise ValueError("an offline consumer needs at least one topic")
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
         self.group_id = group_id
         self.topics = list(topics)
         self._ingestor = ingestor
@@ -106,7 +145,15 @@ class OfflineConsumer:
             "topic.metadata.refresh.interval.ms": 10_000,
             "logger": _librdkafka_log,
             **(options or {}),
+            # Ours: the results of the asynchronous offset commits.
+            "on_commit": self._on_commit,
         }
+        strategy = str(self._config.get("partition.assignment.strategy", ""))
+        # Incremental (cooperative) assignment: a rebalance callback that assigns
+        # partitions itself must then use incremental_assign.
+        self._incremental = (
+            "cooperative" in strategy or str(self._config.get("group.protocol", "")) == "consumer"
+        )
         self._batch_size = batch_size
         self._poll_timeout_s = poll_timeout_s
         self._backoff_min_s = backoff_min_s
@@ -116,13 +163,24 @@ class OfflineConsumer:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        # Touched only on the consumer thread (callbacks, commits, lag refresh).
-        self._assigned: set[tuple[str, int]] = set()
-        self._committed: dict[tuple[str, int], int] = {}
+        self._paused = False
+        # Consumer thread only (rebalance and commit callbacks, commits, lag refresh):
+        self._assigned: set[_Key] = set()
+        # Committed offsets known to this consumer: its own commits, and the group's
+        # earlier ones (asked once per assignment, see _refresh_lag).
+        self._committed: dict[_Key, int] = {}
+        # Assigned partitions whose earlier committed offset has not been asked yet.
+        self._base_unknown: set[_Key] = set()
+        # Highest offset this consumer asked to commit per partition since it was
+        # assigned: commits never move an offset backwards.
+        self._commit_floor: dict[_Key, int] = {}
+        self._next_lag = 0.0  # time.monotonic() of the next lag refresh
         self._missing_topics_logged = False
         # Observability for tests and /metrics.
         self.batches_stored = 0
         self.batches_failed = 0
+        self.polls = 0  # poll calls that returned (with or without records)
+        self.assignments = 0  # rebalance callbacks that assigned partitions
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -138,8 +196,8 @@ class OfflineConsumer:
         log.info("offline consumer started", extra={"group": self.group_id, "topics": self.topics})
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the batch in progress (its offsets are committed if it was stored),
-        leave the group and stop the thread."""
+        """Finish the store transaction in flight (its offsets are committed if it
+        succeeded), leave the group and stop the thread."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -162,41 +220,168 @@ class OfflineConsumer:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    # -- the loop (event loop side) ------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def assigned(self) -> set[_Key]:
+        """The partitions currently assigned, as (topic, partition)."""
+        return set(self._assigned)
+
+    async def pause(self) -> None:
+        """Stop fetching events, without leaving the group (no rebalance): the assigned
+        partitions are paused, and so are partitions assigned later. Batches already
+        read are still stored and their offsets committed. Idempotent."""
+        self._paused = True
+        if self._executor is not None:
+            await self._call(self._apply_pause)
+        log.info("offline consumer paused", extra={"group": self.group_id})
+
+    async def resume(self) -> None:
+        """Fetch again from where the consumer stopped. Idempotent."""
+        self._paused = False
+        if self._executor is not None:
+            await self._call(self._apply_pause)
+        log.info("offline consumer resumed", extra={"group": self.group_id})
+
+    # -- the pipeline (event loop side) --------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self._backoff_min_s
         loop = asyncio.get_running_loop()
-        next_lag = loop.time()
-        while not self._stopping.is_set():
-            if loop.time() >= next_lag:
-                next_lag = loop.time() + self._lag_interval_s
-                await self._call(self._refresh_lag)
-            try:
-                records = await self._call(self._poll)
-            except Exception:
-                log.exception("offline consumer poll failed", extra={"group": self.group_id})
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max_s)
-                continue
-            if not records:
-                continue
-            try:
-                await self._ingestor.ingest([(r.topic() or "", r.value()) for r in records])
-            except StoreFailed:
-                # Nothing committed: read the batch again after the backoff.
-                self.batches_failed += 1
-                await self._call(self._rewind, records)
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max_s)
-                continue
-            self.batches_stored += 1
-            backoff = self._backoff_min_s
-            await self._call(self._commit, records)
+        backoff = self._backoff_min_s
+        fetch: asyncio.Future[list[Message]] | None = None
+        storing: _Storing | None = None
+        try:
+            while not self._stopping.is_set():
+                if fetch is None:
+                    fetch = self._submit(self._poll)
+                try:
+                    records = await fetch
+                except Exception:
+                    fetch = None
+                    log.exception("offline consumer poll failed", extra={"group": self.group_id})
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, self._backoff_max_s)
+                    continue
+                fetch = None
+                if not records:
+                    if storing is not None and storing.task.done():
+                        # Idle: learn the outcome of the last batch now.
+                        stored, storing = storing, None
+                        if await self._finished(stored):
+                            backoff = self._backoff_min_s
+                        else:
+                            await self._recover([stored.records], None)
+                            await self._sleep(backoff)
+                            backoff = min(backoff * 2, self._backoff_max_s)
+                    continue
+                # Read the next batch on the consumer thread while this one is decoded
+                # and the previous one is stored.
+                if not self._stopping.is_set():
+                    fetch = self._submit(self._poll)
+                batch: DecodedBatch | None
+                try:
+                    batch = await self._decode(records)
+                except Exception:
+                    log.exception("offline batch decoding failed", extra={"group": self.group_id})
+                    batch = None
+                failed: list[list[Message]] = []
+                if storing is not None:
+                    stored, storing = storing, None
+                    if await self._finished(stored):
+                        backoff = self._backoff_min_s
+                    else:
+                        failed.append(stored.records)
+                if batch is None or failed:
+                    # Nothing after a failed batch may be stored before it: drop this one
+                    # too, rewind and retry after the backoff.
+                    if batch is None:
+                        self.batches_failed += 1
+                    await self._recover([*failed, records], fetch)
+                    fetch = None
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, self._backoff_max_s)
+                    continue
+                storing = _Storing(records, loop.create_task(self._store(records, batch)))
+                # Let it send its first statement before this loop goes on.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            # stop() gave up waiting: abandon the transaction in flight (rolled back,
+            # nothing committed; the events are read again).
+            if storing is not None:
+                storing.task.cancel()
+                storing = None
+            raise
+        finally:
+            # Stopping: what was read but not stored is read again by whoever gets the
+            # partitions next; the transaction in flight is finished and its offsets
+            # committed.
+            if storing is not None:
+                if fetch is not None:
+                    with contextlib.suppress(Exception):
+                        await fetch
+                if await self._finished(storing):
+                    await self._call(self._commit_final)
+
+    async def _decode(self, records: list[Message]) -> DecodedBatch:
+        """Decode ``records`` in slices, letting the loop run in between: the store
+        transaction in flight needs it for each of its round trips."""
+        batch = DecodedBatch()
+        decode_into = self._ingestor.decode_into
+        for start in range(0, len(records), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            decode_into(
+                batch,
+                [(r.topic() or "", r.value()) for r in records[start : start + DECODE_SLICE]],
+            )
+        return batch
+
+    async def _store(self, records: list[Message], batch: DecodedBatch) -> None:
+        """Store one decoded batch, then have its offsets committed without waiting."""
+        await self._ingestor.store(batch)
+        # On the consumer thread, after the poll in progress: in batch order.
+        assert self._executor is not None
+        self._executor.submit(self._commit, _next_offsets(records))
+
+    async def _finished(self, storing: _Storing) -> bool:
+        """Wait for the batch's store; True if it was stored (and its commit queued)."""
+        try:
+            await storing.task
+        except StoreFailed:
+            self.batches_failed += 1  # logged by the ingestor
+            return False
+        except Exception:
+            self.batches_failed += 1
+            log.exception("offline batch store failed", extra={"group": self.group_id})
+            return False
+        self.batches_stored += 1
+        return True
+
+    async def _recover(
+        self, unstored: list[list[Message]], fetch: asyncio.Future[list[Message]] | None
+    ) -> None:
+        """Rewind every partition of the unstored batches, and of the poll in flight
+        (awaited here), to its first unstored offset."""
+        if fetch is not None:
+            with contextlib.suppress(Exception):
+                unstored.append(await fetch)
+        records = [record for batch in unstored for record in batch]
+        if not records:
+            return
+        try:
+            await self._call(self._rewind, records)
+        except Exception:
+            log.exception("offline consumer rewind failed", extra={"group": self.group_id})
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _submit(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        assert self._executor is not None
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         assert self._executor is not None
@@ -221,13 +406,25 @@ class OfflineConsumer:
             consumer.close()
         for topic, partition in list(self._assigned):
             self._forget(topic, partition)
-        self._assigned.clear()
 
     def _poll(self) -> list[Message]:
+        """The first record within the poll timeout, then whatever else is already
+        fetched, up to the batch size, without waiting. Refreshes the lag when due."""
         consumer = self._consumer
         assert consumer is not None
+        if time.monotonic() >= self._next_lag:
+            self._next_lag = time.monotonic() + self._lag_interval_s
+            try:
+                self._refresh_lag(consumer)
+            except Exception:
+                log.exception("consumer lag refresh failed", extra={"group": self.group_id})
+        first = consumer.poll(self._poll_timeout_s)
+        polled = [first] if first is not None else []
+        if first is not None and self._batch_size > 1:
+            polled.extend(consumer.consume(num_messages=self._batch_size - 1, timeout=0))
+        self.polls += 1
         records = []
-        for record in consumer.consume(num_messages=self._batch_size, timeout=self._poll_timeout_s):
+        for record in polled:
             error = record.error()
             if error is None:
                 records.append(record)
@@ -250,32 +447,70 @@ class OfflineConsumer:
             return
         log.warning("offline consumer error", extra={"group": self.group_id, "error": error.str()})
 
-    def _commit(self, records: Sequence[Message]) -> None:
+    def _commit(self, next_offsets: dict[_Key, int]) -> None:
+        """Commit ``next_offsets`` asynchronously: the request is queued, the next poll
+        does not wait for it, and on_commit reports the result. Never raises (nobody
+        waits for this call)."""
         consumer = self._consumer
-        assert consumer is not None
-        offsets = _next_offsets(records)
-        try:
-            consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
-        except KafkaException as exc:
-            self._metrics.consumer_commit_failed.labels(self.group_id).inc()
-            log.warning(
-                "offset commit failed; the stored batch will be read again",
-                extra={"group": self.group_id, "error": str(exc)},
-            )
+        if consumer is None:
             return
-        for (topic, partition), offset in offsets.items():
-            self._committed[(topic, partition)] = offset
-            tenant = self._ingestor.tenant_for_topic(topic) or ""
-            self._metrics.consumer_offset.labels(tenant, str(partition)).set(offset)
+        offsets = []
+        for key, offset in next_offsets.items():
+            if key in self._assigned and offset > self._commit_floor.get(key, -1):
+                self._commit_floor[key] = offset
+                offsets.append(TopicPartition(key[0], key[1], offset))
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=True)
+        except (KafkaException, RuntimeError) as exc:
+            self._commit_failed(str(exc))
+        except Exception:  # pragma: no cover - defensive, see above
+            log.exception("offset commit failed", extra={"group": self.group_id})
+
+    def _commit_final(self) -> None:
+        """At stop: commit the last offsets synchronously (the asynchronous commits
+        queued before are sent before it, in order)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        offsets = [
+            TopicPartition(t, p, o)
+            for (t, p), o in sorted(self._commit_floor.items())
+            if (t, p) in self._assigned
+        ]
+        if offsets:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _commit_failed(self, error: str) -> None:
+        self._metrics.consumer_commit_failed.labels(self.group_id).inc()
+        log.warning(
+            "offset commit failed; the stored batch will be read again",
+            extra={"group": self.group_id, "error": error},
+        )
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's report of a commit (served by a poll, on the consumer thread)."""
+        failures = [tp for tp in partitions if tp.error is not None]
+        if error is not None or failures:
+            self._commit_failed(error.str() if error is not None else str(failures[0].error))
+        if error is not None:
+            return
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if tp.error is not None or tp.offset < 0 or key not in self._assigned:
+                continue  # failed, or revoked meanwhile: not ours to report
+            if tp.offset >= self._committed.get(key, -1):
+                self._committed[key] = tp.offset
+                tenant = self._ingestor.tenant_for_topic(tp.topic) or ""
+                self._metrics.consumer_offset.labels(tenant, str(tp.partition)).set(tp.offset)
 
     def _rewind(self, records: Sequence[Message]) -> None:
-        """Seek every partition of a failed batch back to the batch's first offset."""
+        """Seek every partition of ``records`` back to its first offset among them."""
         consumer = self._consumer
         assert consumer is not None
-        first: dict[tuple[str, int], int] = {}
+        first: dict[_Key, int] = {}
         for record in records:
             key = (record.topic() or "", record.partition() or 0)
             offset = record.offset() or 0
@@ -298,68 +533,108 @@ class OfflineConsumer:
             extra={"group": self.group_id, "partitions": len(first), "records": len(records)},
         )
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _apply_pause(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        partitions = consumer.assignment()
+        if not partitions:
+            return
+        if self._paused:
+            consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
+        self._next_lag = 0.0  # the watermarks' source changes: refresh at once
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._assigned.add((tp.topic, tp.partition))
+            key = (tp.topic, tp.partition)
+            self._assigned.add(key)
+            self._base_unknown.add(key)
+            self._commit_floor.pop(key, None)
+        self.assignments += 1
+        self._next_lag = 0.0
+        if self._paused and partitions:
+            # Assign here (instead of after the callback) to pause before any fetch.
+            if self._incremental:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
+            consumer.pause(partitions)
         log.info(
             "partitions assigned",
             extra={
                 "group": self.group_id,
                 "partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions],
+                "paused": self._paused,
             },
         )
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._assigned.discard((tp.topic, tp.partition))
             self._forget(tp.topic, tp.partition)
         log.info("partitions revoked", extra={"group": self.group_id, "count": len(partitions)})
 
     def _forget(self, topic: str, partition: int) -> None:
-        self._committed.pop((topic, partition), None)
+        key = (topic, partition)
+        self._assigned.discard(key)
+        self._committed.pop(key, None)
+        self._base_unknown.discard(key)
+        self._commit_floor.pop(key, None)
         tenant = self._ingestor.tenant_for_topic(topic) or ""
         for gauge in (self._metrics.consumer_lag, self._metrics.consumer_offset):
             with contextlib.suppress(KeyError):
                 gauge.remove(tenant, str(partition))
 
-    def _refresh_lag(self) -> None:
-        consumer = self._consumer
-        if consumer is None or not self._assigned:
+    def _refresh_lag(self, consumer: Consumer) -> None:
+        """Set the lag and offset gauges of the assigned partitions (module doc)."""
+        if not self._assigned:
             return
-        # Partitions this consumer has not committed yet: ask the group coordinator (once
-        # per refresh, one request), e.g. after a rebalance or while the store is down.
-        unknown = [
-            TopicPartition(t, p) for t, p in sorted(self._assigned) if (t, p) not in self._committed
-        ]
-        committed_before: dict[tuple[str, int], int] = {}
-        if unknown:
-            with contextlib.suppress(KafkaException):
-                for tp in consumer.committed(unknown, timeout=1.0):
-                    if tp.offset >= 0:
-                        committed_before[(tp.topic, tp.partition)] = tp.offset
+        learned: dict[_Key, int] = {}
+        if self._base_unknown:
+            # Partitions new to this consumer: what did the group commit before? One
+            # request to the group coordinator for all of them, once per assignment.
+            unknown = sorted(self._base_unknown)
+            try:
+                answer = consumer.committed(
+                    [TopicPartition(t, p) for t, p in unknown], timeout=LAG_REQUEST_TIMEOUT_S
+                )
+            except KafkaException:
+                answer = []  # asked again next time
+            for tp in answer:
+                key = (tp.topic, tp.partition)
+                if tp.error is not None or key not in self._base_unknown:
+                    continue
+                self._base_unknown.discard(key)
+                if tp.offset >= 0 and key not in self._committed:
+                    self._committed[key] = learned[key] = tp.offset
         for topic, partition in sorted(self._assigned):
             key = (topic, partition)
+            if key in self._base_unknown:
+                continue
             tp = TopicPartition(topic, partition)
             try:
-                low, high = consumer.get_watermark_offsets(tp, cached=True)
-                base = self._committed.get(key, committed_before.get(key))
-                if base is None:
-                    # Never committed: the whole retained partition is behind.
-                    low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-                    base = low
+                if self._paused:
+                    low, high = consumer.get_watermark_offsets(
+                        tp, timeout=LAG_REQUEST_TIMEOUT_S, cached=False
+                    )
+                else:
+                    low, high = consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
                 continue
+            # Never committed by the group: the whole retained partition is behind.
+            base = self._committed.get(key, low)
             if high is None or high < 0 or base is None or base < 0:
-                continue  # not known yet
+                continue  # not fetched yet
             tenant = self._ingestor.tenant_for_topic(topic) or ""
             self._metrics.consumer_lag.labels(tenant, str(partition)).set(max(0, high - base))
-            if key in committed_before:
-                self._metrics.consumer_offset.labels(tenant, str(partition)).set(base)
+            if key in learned:
+                self._metrics.consumer_offset.labels(tenant, str(partition)).set(learned[key])
 
 
-def _next_offsets(records: Sequence[Message]) -> dict[tuple[str, int], int]:
+def _next_offsets(records: Iterable[Message]) -> dict[_Key, int]:
     """Per (topic, partition): the offset to commit, last offset of the batch + 1."""
-    offsets: dict[tuple[str, int], int] = {}
+    offsets: dict[_Key, int] = {}
     for record in records:
         key = (record.topic() or "", record.partition() or 0)
         offsets[key] = max(offsets.get(key, 0), (record.offset() or 0) + 1)
@@ -429,3 +704,10 @@ class OfflineConsumers:
 
     async def stop(self) -> None:
         await asyncio.gather(*(c.stop() for c in self.consumers))
+
+    async def pause(self) -> None:
+        """Pause every consumer (see :meth:`OfflineConsumer.pause`): no rebalance."""
+        await asyncio.gather(*(c.pause() for c in self.consumers))
+
+    async def resume(self) -> None:
+        await asyncio.gather(*(c.resume() for c in self.consumers))

@@ -18,7 +18,8 @@ For each event (offline-design.md 3.2):
 5. check the content: the event's tenant is the topic's, recipient, sender and msg id
    are present, ``event_data`` parses as a ``MessageRequest`` of the same tenant, sender
    and msg id; ids are at most 512 UTF-8 bytes without NUL (an id the database cannot
-   index would fail the insert forever);
+   index would fail the insert forever); the timestamp is before year 10000 (its UTC
+   day is the counters' key);
 6. run the :class:`MessageFilter` plug-ins (first drop reason wins) and the
    :class:`PriorityRule` plug-ins (highest value wins, default 0);
 7. insert the batch in one transaction together with the daily counters
@@ -27,6 +28,10 @@ For each event (offline-design.md 3.2):
 8. after the commit, nudge the gateway for every recipient that got a new row.
 
 Skipped events are not errors: they are never retried.
+
+Steps 1-6 (:meth:`OfflineIngestor.decode`) are CPU only and steps 7-8
+(:meth:`OfflineIngestor.store`) I/O, so that the consumer can decode one batch while the
+previous one is being stored.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -77,9 +82,10 @@ class StoreFailed(Exception):
     """The store transaction failed: nothing of the batch was stored; retry it."""
 
 
-@dataclass(frozen=True, slots=True)
-class OfflineEvent:
-    """A verified OFFLINE_MESSAGE, as the plug-ins see it."""
+class OfflineEvent(NamedTuple):
+    """A verified OFFLINE_MESSAGE, as the plug-ins see it (immutable; a named tuple
+    because one is built per consumed event and that is several times cheaper than a
+    frozen dataclass)."""
 
     tenant_id: str
     recipient: str  # MqEvent.to_user_id
@@ -157,13 +163,25 @@ def default_priority_rules(config: BackendConfig) -> list[PriorityRule]:
     return [SenderPriority(config)]
 
 
+# Ids of at most this many characters fit MAX_ID_BYTES whatever they hold (UTF-8 takes
+# at most 4 bytes per character): no need to encode them to know.
+_SHORT_ID_CHARS = MAX_ID_BYTES // 4
+
+
 def _valid_id(value: str) -> bool:
-    return bool(value) and "\x00" not in value and len(value.encode("utf-8")) <= MAX_ID_BYTES
+    if not value or "\x00" in value:
+        return False
+    return len(value) <= _SHORT_ID_CHARS or len(value.encode("utf-8")) <= MAX_ID_BYTES
+
+
+# Latest event timestamp a stats day can be computed for (9999-12-31T23:59:59.999Z).
+MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 
 @dataclass(slots=True)
-class _Batch:
-    """One batch being decoded: rows to insert and what to count once it is stored."""
+class DecodedBatch:
+    """One batch decoded by :meth:`OfflineIngestor.decode`: rows to insert and what to
+    count once they are stored (nothing is counted before)."""
 
     rows: list[NewMessage] = field(default_factory=list)
     stats: dict[StatsKey, Stats] = field(default_factory=dict)
@@ -223,9 +241,26 @@ class OfflineIngestor:
         """Store the OFFLINE_MESSAGE events among ``records`` (topic, value) in one
         transaction. Raises StoreFailed if that failed; then nothing was stored or
         counted and the caller must retry the whole batch."""
-        batch = _Batch()
+        return await self.store(self.decode(records))
+
+    def decode(self, records: Iterable[tuple[str, bytes | None]]) -> DecodedBatch:
+        """Steps 1-6 of the module doc for ``records`` (topic, value): CPU only, no I/O,
+        nothing counted yet. The consumer decodes the next batch while the previous
+        one is being stored."""
+        batch = DecodedBatch()
+        self.decode_into(batch, records)
+        return batch
+
+    def decode_into(self, batch: DecodedBatch, records: Iterable[tuple[str, bytes | None]]) -> None:
+        """:meth:`decode`, adding to ``batch`` (a batch decoded in several slices)."""
+        decode = self._decode
         for topic, value in records:
-            self._decode(batch, topic, value)
+            decode(batch, topic, value)
+
+    async def store(self, batch: DecodedBatch) -> StoreOutcome:
+        """Steps 7-8 for a decoded batch: store it in one transaction, then count it and
+        nudge. Raises StoreFailed if the transaction failed; then nothing was stored or
+        counted, and the batch may be stored again."""
         outcome = StoreOutcome(0)
         if batch.rows or batch.stats:
             outcome = await self._write(batch)
@@ -237,7 +272,7 @@ class OfflineIngestor:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _decode(self, batch: _Batch, topic: str, value: bytes | None) -> None:
+    def _decode(self, batch: DecodedBatch, topic: str, value: bytes | None) -> None:
         tenant_id = self.tenant_for_topic(topic)
         if tenant_id is None:
             batch.skipped[("", SKIP_UNKNOWN_TOPIC)] += 1
@@ -285,27 +320,29 @@ class OfflineIngestor:
 
         stats = batch.stat(day_of(checked.created_at), tenant_id)
         stats.consumed += 1
-        dropped = self._filter(checked)
-        if dropped is not None:
-            batch.skipped[(tenant_id, SKIP_FILTERED)] += 1
-            stats.filtered += 1
-            log.debug(
-                "offline message filtered",
-                extra={"tenant": tenant_id, "reason": dropped, "msg_id": checked.message_id},
-            )
-            return
+        if self.filters:
+            dropped = self._filter(checked)
+            if dropped is not None:
+                batch.skipped[(tenant_id, SKIP_FILTERED)] += 1
+                stats.filtered += 1
+                log.debug(
+                    "offline message filtered",
+                    extra={"tenant": tenant_id, "reason": dropped, "msg_id": checked.message_id},
+                )
+                return
+        message = checked.message
         batch.rows.append(
             NewMessage(
-                tenant_id=tenant_id,
-                user_id=checked.recipient,
-                from_user_id=checked.sender,
-                message_id=checked.message_id,
-                device_id=checked.device_id,
-                message_type=int(checked.message.msg_type),
-                group_id=checked.message.group_id,
-                message_data=checked.message_data,
-                created_at=checked.created_at,
-                priority=self._priority(checked),
+                tenant_id,
+                checked.recipient,
+                checked.sender,
+                checked.message_id,
+                checked.device_id,
+                int(message.msg_type),
+                message.group_id,
+                checked.message_data,
+                checked.created_at,
+                self._priority(checked) if self.priority_rules else 0,
             )
         )
 
@@ -313,8 +350,8 @@ class OfflineIngestor:
         """The verified event's content, or why it cannot be stored."""
         if event.tenant_id != tenant_id:
             return "tenant mismatch"
-        ids = (event.to_user_id, event.user_id, event.msg_id)
-        if not all(_valid_id(v) for v in ids):
+        recipient, sender, msg_id = event.to_user_id, event.user_id, event.msg_id
+        if not (_valid_id(recipient) and _valid_id(sender) and _valid_id(msg_id)):
             return "missing or invalid recipient, sender or msg_id"
         message = msg_pb.MessageRequest()
         try:
@@ -323,20 +360,23 @@ class OfflineIngestor:
             return "event_data is not a MessageRequest"
         if message.tenant_id != tenant_id:
             return "tenant mismatch"
-        if message.msg_id != event.msg_id or message.user_id != event.user_id:
+        if message.msg_id != msg_id or message.user_id != sender:
             return "event_data does not match the event"
-        for optional in (message.group_id, message.device_id):
-            if optional and not _valid_id(optional):
-                return "invalid group or device id"
+        group_id, device_id = message.group_id, message.device_id
+        if (group_id and not _valid_id(group_id)) or (device_id and not _valid_id(device_id)):
+            return "invalid group or device id"
+        timestamp = event.timestamp
+        if timestamp > MAX_TIMESTAMP_MS:
+            return "timestamp out of range"
         return OfflineEvent(
-            tenant_id=tenant_id,
-            recipient=event.to_user_id,
-            sender=event.user_id,
-            device_id=message.device_id or event.device_id,
-            message_id=event.msg_id,
-            message=message,
-            message_data=event.event_data,
-            created_at=event.timestamp if event.timestamp > 0 else self._clock(),
+            tenant_id,
+            recipient,
+            sender,
+            device_id or event.device_id,
+            msg_id,
+            message,
+            event.event_data,
+            timestamp if timestamp > 0 else self._clock(),
         )
 
     def _filter(self, event: OfflineEvent) -> str | None:
@@ -360,7 +400,7 @@ class OfflineIngestor:
                 log.exception("offline priority rule failed; ignored")
         return max(-(2**31), min(priority, 2**31 - 1))
 
-    async def _write(self, batch: _Batch) -> StoreOutcome:
+    async def _write(self, batch: DecodedBatch) -> StoreOutcome:
         started = time.perf_counter()
         try:
             repository = await self._store.repository()
@@ -378,7 +418,7 @@ class OfflineIngestor:
             self._metrics.store_duration_ms.observe((time.perf_counter() - started) * 1000)
         return outcome
 
-    def _count(self, batch: _Batch, outcome: StoreOutcome) -> None:
+    def _count(self, batch: DecodedBatch, outcome: StoreOutcome) -> None:
         m = self._metrics
         for (tenant_id, event_type), n in batch.events.items():
             m.events.labels(tenant_id, event_type).inc(n)

@@ -167,7 +167,12 @@ class BackendState:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.store = Store(config.database_url, auto_migrate=config.database_auto_migrate)
+        self.store = Store(
+            config.database_url,
+            auto_migrate=config.database_auto_migrate,
+            pool_size=config.database_pool_size,
+            max_overflow=config.database_max_overflow,
+        )
         self.nudger = Nudger(
             config.gateway_urls,
             self.tenant_secret,

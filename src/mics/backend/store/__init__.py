@@ -16,6 +16,7 @@ from mics.backend.store.engine import (
     resolve_database_url,
 )
 from mics.backend.store.repository import (
+    DataPage,
     NewMessage,
     OfflineRepository,
     Page,
@@ -27,6 +28,7 @@ from mics.backend.store.repository import (
 
 __all__ = [
     "DEFAULT_DATABASE_URL",
+    "DataPage",
     "NewMessage",
     "OfflineRepository",
     "Page",

@@ -20,6 +20,7 @@ runs them from async code, ``mics backend migrate`` from the command line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -43,6 +45,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 WRITE_OPTIONS: dict[str, Any] = {WRITE_OPTION: True}
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+# Connections kept in the pool, and by default also the extra ones opened under load.
+DEFAULT_POOL_SIZE = 10
 
 
 class StoreConfigError(ValueError):
@@ -78,14 +83,39 @@ def check_database_url(url: str) -> str:
     return url
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine for ``url`` (``""`` = the default SQLite file), tuned as above."""
+def create_engine(
+    url: str, *, pool_size: int = DEFAULT_POOL_SIZE, max_overflow: int | None = None
+) -> AsyncEngine:
+    """An async engine for ``url`` (``""`` = the default SQLite file), tuned as above.
+
+    The pool keeps ``pool_size`` connections and opens up to ``max_overflow`` more
+    under load (default: as many as ``pool_size``).
+    """
     url = check_database_url(resolve_database_url(url))
+    if pool_size < 1 or (max_overflow is not None and max_overflow < 0):
+        raise StoreConfigError("pool_size must be >= 1 and max_overflow >= 0")
+    overflow = pool_size if max_overflow is None else max_overflow
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=overflow)
         _configure_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=overflow)
+    _configure_postgresql(engine)
+    return engine
+
+
+def _configure_postgresql(engine: AsyncEngine) -> None:
+    # No pool_pre_ping: it costs a round trip (three on asyncpg: BEGIN, ";", ROLLBACK)
+    # on every checkout, i.e. every hook request. A connection whose socket the server
+    # closed (restart, terminated backend) is known to asyncpg without asking: drop it
+    # at checkout and let the pool open a new one. Losses noticed only in use fail that
+    # use (SQLAlchemy then invalidates the pool); reads are retried once
+    # (mics.backend.store.pgdriver.read_with_retry), batches by the consumer.
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = record.driver_connection
+        if driver is None or driver.is_closed():
+            raise sa_exc.DisconnectionError("connection closed by the server")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -160,10 +190,18 @@ class Store:
     share one opening. After :meth:`close` it may be opened again.
     """
 
-    def __init__(self, url: str, *, auto_migrate: bool = True, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        auto_migrate: bool = True,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        max_overflow: int | None = None,
+    ) -> None:
         self.url = resolve_database_url(check_database_url(url))
         self.auto_migrate = auto_migrate
-        self._pool_size = pool_size
+        self.pool_size = pool_size
+        self.max_overflow = pool_size if max_overflow is None else max_overflow
         self._repository: OfflineRepository | None = None
         self._lock = asyncio.Lock()
 
@@ -176,7 +214,9 @@ class Store:
             if self._repository is None:
                 if self.auto_migrate:
                     await migrate(self.url)
-                engine = create_engine(self.url, pool_size=self._pool_size)
+                engine = create_engine(
+                    self.url, pool_size=self.pool_size, max_overflow=self.max_overflow
+                )
                 self._repository = OfflineRepository(engine)
                 log.info("offline store open", extra={"database": _safe_url(self.url)})
             return self._repository
@@ -189,12 +229,13 @@ class Store:
         """The repository for a read, or None when the store is an SQLite file that
         does not exist yet: it holds nothing, and reading must not create it (a
         backend whose gateway pulls but never stores leaves no file behind)."""
-        path = self.sqlite_path
-        if self._repository is None and path is not None and not path.exists():
-            return None
+        if self._repository is None:
+            path = self.sqlite_path
+            if path is not None and not path.exists():
+                return None
         return await self.repository()
 
-    @property
+    @functools.cached_property
     def sqlite_path(self) -> Path | None:
         """The database file of an SQLite store (relative to the working directory)."""
         parsed = make_url(self.url)
@@ -206,6 +247,7 @@ class Store:
         async with self._lock:
             repository, self._repository = self._repository, None
         if repository is not None:
+            await repository.close()
             await repository.engine.dispose()
 
 

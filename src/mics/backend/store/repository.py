@@ -2,10 +2,12 @@
 
 Contract (protocol.md section 9.3), which the hooks and the consumer rely on:
 
-* **Idempotent storage.** :meth:`OfflineRepository.store` is one multi-row
-  ``INSERT ... ON CONFLICT DO NOTHING`` (per 500 rows), in one transaction, on the key
-  (tenant, recipient, sender, msg_id): storing an event twice is a no-op, and the call
-  reports which rows were really new.
+* **Idempotent storage.** :meth:`OfflineRepository.store` inserts the batch with
+  ``ON CONFLICT DO NOTHING`` on the key (tenant, recipient, sender, msg_id), in one
+  transaction: storing an event twice is a no-op, and the call reports which rows were
+  really new. On PostgreSQL that is one ``INSERT ... SELECT FROM unnest(...)`` on the
+  asyncpg connection (:mod:`mics.backend.store.pgdriver`), on SQLite multi-row
+  ``INSERT ... VALUES`` through SQLAlchemy (per 500 rows).
 * **Keyset paging in storage order.** :meth:`OfflineRepository.fetch_page` returns a
   recipient's undelivered rows with ``id > after_id`` in ``id`` order (never OFFSET).
   A row stored after a page was read always has a larger id than every row of that
@@ -26,24 +28,30 @@ Contract (protocol.md section 9.3), which the hooks and the consumer rely on:
   waits for the pages before it.
 * **Marking.** :meth:`OfflineRepository.mark_delivered_upto` marks every undelivered row
   of the recipient with ``id <= upto`` (the ack of a cursor); marking is idempotent.
+* **Reads without a transaction.** On PostgreSQL a page that marks nothing is one
+  ``SELECT`` on the driver connection, outside any transaction (one statement sees one
+  snapshot); :meth:`OfflineRepository.pull_data` returns only what the hook sends, the
+  stored message bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mics.backend.store import pgdriver
 from mics.backend.store.models import STAT_COLUMNS, UNDELIVERED, consume_stats, offline_messages
 
 log = logging.getLogger("mics.backend.store")
@@ -77,14 +85,25 @@ _COLUMNS = (
 )
 _MS_PER_DAY = 86_400_000
 
+_R = TypeVar("_R")
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_EPOCH = dt.date(1970, 1, 1)
+
+
 def day_of(timestamp_ms: int) -> str:
     """The UTC day (``YYYY-MM-DD``) of a Unix-ms timestamp: the stats and reconcile key."""
-    return dt.datetime.fromtimestamp(timestamp_ms / 1000, tz=dt.UTC).date().isoformat()
+    return _day_name(timestamp_ms // _MS_PER_DAY)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_name(day_number: int) -> str:
+    # Called several times per stored message, nearly always for the same day or two.
+    return (_EPOCH + dt.timedelta(days=day_number)).isoformat()
 
 
 def day_bounds(day: dt.date) -> tuple[int, int]:
@@ -94,15 +113,18 @@ def day_bounds(day: dt.date) -> tuple[int, int]:
     return start_ms, start_ms + _MS_PER_DAY
 
 
+@functools.lru_cache(maxsize=16_384)
 def recipient_lock_key(tenant_id: str, user_id: str) -> int:
     """The PostgreSQL advisory lock key (signed int64) of one recipient."""
     digest = hashlib.blake2b(f"{tenant_id}|{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """One row to store: a message for one recipient."""
+class NewMessage(NamedTuple):
+    """One row to store: a message for one recipient. Immutable; a named tuple because
+    the consumer builds one per event (a frozen dataclass costs several times more), and
+    :func:`mics.backend.store.pgdriver.insert_rows` transposes a batch of them into the
+    insert's column arrays in this field order."""
 
     tenant_id: str
     user_id: str  # recipient
@@ -164,6 +186,16 @@ class Page:
     last_id: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class DataPage:
+    """One pull as the hook serves it: the stored ``message_data`` of each row, in page
+    order (see :class:`Page` for ``has_more`` and ``last_id``)."""
+
+    messages: list[bytes]
+    has_more: bool
+    last_id: int | None
+
+
 @dataclass(slots=True)
 class Stats:
     """Counters of ``offline_consume_stats`` for one (day, tenant)."""
@@ -181,6 +213,13 @@ class Stats:
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in STAT_COLUMNS}
 
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """The counters in STAT_COLUMNS order."""
+        return (self.consumed, self.stored, self.duplicate, self.filtered, self.invalid)
+
+    def any(self) -> bool:
+        return any(self.as_tuple())
+
 
 StatsKey = tuple[str, str]  # (day, tenant_id)
 
@@ -197,13 +236,71 @@ class StoreOutcome:
     duplicates_by_tenant: Mapping[str, int] = field(default_factory=dict)
 
 
+def _lock_keys(rows: Sequence[NewMessage]) -> list[int]:
+    """The advisory lock keys of the rows' recipients, sorted: two transactions lock
+    their common recipients in the same order, so writers cannot deadlock."""
+    return sorted({recipient_lock_key(r.tenant_id, r.user_id) for r in rows})
+
+
+def _stored(values: Sequence[Any]) -> StoredMessage:
+    """A StoredMessage from a row of every column, in field order (positional: building
+    it from a mapping costs several times more)."""
+    return StoredMessage(*values)
+
+
+def _merge_stats(
+    rows: Sequence[NewMessage],
+    new_rows: Sequence[tuple[str, str, int]],
+    stats: Mapping[StatsKey, Stats],
+) -> dict[StatsKey, Stats]:
+    """``stats`` plus ``stored`` and ``duplicate`` per (day, tenant) from the insert."""
+    merged: dict[StatsKey, Stats] = defaultdict(Stats)
+    for key, value in stats.items():
+        merged[key].add(value)
+    attempted: dict[StatsKey, int] = defaultdict(int)
+    for row in rows:
+        attempted[(day_of(row.created_at), row.tenant_id)] += 1
+    for tenant_id, _, created_at in new_rows:
+        merged[(day_of(created_at), tenant_id)].stored += 1
+    for key, count in attempted.items():
+        merged[key].duplicate += count - merged[key].stored
+    return merged
+
+
+def _outcome(rows: Sequence[NewMessage], new_rows: Sequence[tuple[str, str, int]]) -> StoreOutcome:
+    inserted_by_tenant: dict[str, int] = defaultdict(int)
+    attempted_by_tenant: dict[str, int] = defaultdict(int)
+    for row in rows:
+        attempted_by_tenant[row.tenant_id] += 1
+    for tenant_id, _, _ in new_rows:
+        inserted_by_tenant[tenant_id] += 1
+    duplicates_by_tenant = {
+        t: n - inserted_by_tenant.get(t, 0)
+        for t, n in attempted_by_tenant.items()
+        if n > inserted_by_tenant.get(t, 0)
+    }
+    return StoreOutcome(
+        inserted=len(new_rows),
+        recipients=frozenset((t, u) for t, u, _ in new_rows),
+        inserted_by_tenant=dict(inserted_by_tenant),
+        duplicates_by_tenant=duplicates_by_tenant,
+    )
+
+
 class OfflineRepository:
-    """Offline messages on one engine. Every method is one short transaction."""
+    """Offline messages on one engine. Every method is one short transaction, or on
+    PostgreSQL a single read statement outside any."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        # PostgreSQL reads on driver connections: at most as many at once as the pool
+        # keeps connections, half of those kept between reads.
+        pool_size = max(1, int(getattr(engine.sync_engine.pool, "size", lambda: 1)()))
+        self._readers = pgdriver.ReadConnections(
+            engine, limit=pool_size, keep=max(1, pool_size // 2)
+        )
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -233,8 +330,39 @@ class OfflineRepository:
         """
         if not rows and not stats:
             return StoreOutcome(0)
+        if self.dialect == "postgresql":
+            return await self._store_postgresql(rows, stats)
         async with self._write() as conn:
             return await self._store_in(conn, rows, stats)
+
+    async def _store_postgresql(
+        self, rows: Sequence[NewMessage], stats: Mapping[StatsKey, Stats] | None
+    ) -> StoreOutcome:
+        async with (
+            pgdriver.driver_connection(self.engine) as conn,
+            conn.transaction(),
+        ):
+            return await self._store_postgresql_in(conn, rows, stats)
+
+    async def _store_postgresql_in(
+        self, conn: Any, rows: Sequence[NewMessage], stats: Mapping[StatsKey, Stats] | None
+    ) -> StoreOutcome:
+        """:meth:`store` inside a transaction of the asyncpg connection ``conn``."""
+        new_rows: list[tuple[str, str, int]] = []
+        if rows:
+            await pgdriver.lock_recipients(conn, _lock_keys(rows))
+            new_rows = await pgdriver.insert_rows(conn, rows)
+        if stats is not None:
+            merged = _merge_stats(rows, new_rows, stats)
+            await pgdriver.add_stats(
+                conn,
+                (
+                    (day, tenant_id, *value.as_tuple())
+                    for (day, tenant_id), value in sorted(merged.items())
+                    if value.any()
+                ),
+            )
+        return _outcome(rows, new_rows)
 
     async def _store_in(
         self,
@@ -242,9 +370,14 @@ class OfflineRepository:
         rows: Sequence[NewMessage],
         stats: Mapping[StatsKey, Stats] | None,
     ) -> StoreOutcome:
-        if rows and self.dialect == "postgresql":
-            await self._lock_recipients(conn, {(r.tenant_id, r.user_id) for r in rows})
+        """:meth:`store` through SQLAlchemy, inside the transaction of ``conn`` (the
+        SQLite path; on PostgreSQL equivalent to, and slower than, the driver path)."""
         new_rows: list[tuple[str, str, int]] = []
+        if rows and self.dialect == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k"),
+                {"keys": _lock_keys(rows)},
+            )
         if rows:
             # One statement, executed with a parameter list: SQLAlchemy's
             # "insertmanyvalues" sends it as multi-row INSERT ... VALUES (...), (...)
@@ -261,54 +394,15 @@ class OfflineRepository:
                 [row.values() for row in rows],
             )
             new_rows.extend((r[0], r[1], r[2]) for r in result)
-
-        inserted_by_tenant: dict[str, int] = defaultdict(int)
-        attempted_by_tenant: dict[str, int] = defaultdict(int)
-        for row in rows:
-            attempted_by_tenant[row.tenant_id] += 1
-        for tenant_id, _, _ in new_rows:
-            inserted_by_tenant[tenant_id] += 1
-        duplicates_by_tenant = {
-            t: n - inserted_by_tenant.get(t, 0)
-            for t, n in attempted_by_tenant.items()
-            if n > inserted_by_tenant.get(t, 0)
-        }
-
         if stats is not None:
-            merged: dict[StatsKey, Stats] = defaultdict(Stats)
-            for key, value in stats.items():
-                merged[key].add(value)
-            attempted: dict[StatsKey, int] = defaultdict(int)
-            for row in rows:
-                attempted[(day_of(row.created_at), row.tenant_id)] += 1
-            for tenant_id, _, created_at in new_rows:
-                merged[(day_of(created_at), tenant_id)].stored += 1
-            for key, count in attempted.items():
-                merged[key].duplicate += count - merged[key].stored
-            await self._add_stats(conn, merged)
-
-        return StoreOutcome(
-            inserted=len(new_rows),
-            recipients=frozenset((t, u) for t, u, _ in new_rows),
-            inserted_by_tenant=dict(inserted_by_tenant),
-            duplicates_by_tenant=duplicates_by_tenant,
-        )
-
-    async def _lock_recipients(
-        self, conn: AsyncConnection, recipients: Iterable[tuple[str, str]]
-    ) -> None:
-        # Sorted: two transactions lock their common recipients in the same order.
-        keys = sorted({recipient_lock_key(t, u) for t, u in recipients})
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k"),
-            {"keys": keys},
-        )
+            await self._add_stats(conn, _merge_stats(rows, new_rows, stats))
+        return _outcome(rows, new_rows)
 
     async def _add_stats(self, conn: AsyncConnection, stats: Mapping[StatsKey, Stats]) -> None:
         rows = [
             {"day": day, "tenant_id": tenant_id, **value.as_dict()}
             for (day, tenant_id), value in sorted(stats.items())
-            if any(value.as_dict().values())
+            if value.any()
         ]
         if not rows:
             return
@@ -325,6 +419,8 @@ class OfflineRepository:
         self, tenant_id: str, user_id: str, after_id: int, limit: int
     ) -> list[StoredMessage]:
         """Undelivered rows of the recipient with ``id > after_id``, in id order."""
+        if self.dialect == "postgresql":
+            return await self._fetch_postgresql(tenant_id, user_id, after_id, limit)
         async with self.engine.connect() as conn:
             return await self._fetch(conn, tenant_id, user_id, after_id, limit)
 
@@ -339,7 +435,16 @@ class OfflineRepository:
             .limit(limit)
         )
         result = await conn.execute(stmt)
-        return [StoredMessage(**row._mapping) for row in result]
+        # _COLUMNS is in StoredMessage's field order.
+        return [_stored(row) for row in result]
+
+    async def _fetch_postgresql(
+        self, tenant_id: str, user_id: str, after_id: int, limit: int
+    ) -> list[StoredMessage]:
+        async def read(conn: Any) -> list[tuple[Any, ...]]:
+            return await pgdriver.fetch_full_page(conn, tenant_id, user_id, after_id, limit)
+
+        return [_stored(row) for row in await self._read(read)]
 
     async def pull(
         self,
@@ -359,17 +464,77 @@ class OfflineRepository:
         """
         if limit <= 0:
             raise ValueError("limit must be positive")
-        engine = self._writer if mark_delivered else self.engine
-        async with engine.begin() as conn:
-            rows = await self._fetch(conn, tenant_id, user_id, after_id, limit + 1)
+        if mark_delivered or self.dialect != "postgresql":
+            engine = self._writer if mark_delivered else self.engine
+            async with engine.begin() as conn:
+                rows = await self._fetch(conn, tenant_id, user_id, after_id, limit + 1)
+                has_more = len(rows) > limit
+                rows = rows[:limit]
+                if mark_delivered and rows:
+                    await self._mark_ids(conn, tenant_id, user_id, [r.id for r in rows], now)
+        else:
+            rows = await self._fetch_postgresql(tenant_id, user_id, after_id, limit + 1)
             has_more = len(rows) > limit
             rows = rows[:limit]
-            if mark_delivered and rows:
-                await self._mark_ids(conn, tenant_id, user_id, [r.id for r in rows], now)
         last_id = rows[-1].id if rows else None
         if order_by_priority:
             rows.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return Page(messages=rows, has_more=has_more, last_id=last_id)
+
+    async def pull_data(
+        self,
+        tenant_id: str,
+        user_id: str,
+        after_id: int,
+        limit: int,
+        *,
+        mark_delivered: bool = False,
+        order_by_priority: bool = False,
+        now: int | None = None,
+    ) -> DataPage:
+        """:meth:`pull` returning only each row's stored ``message_data``, the page the
+        hook sends. On PostgreSQL without marking: one ``SELECT`` of the four columns a
+        page needs, on the driver connection, outside any transaction."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        if mark_delivered or self.dialect != "postgresql":
+            page = await self.pull(
+                tenant_id,
+                user_id,
+                after_id,
+                limit,
+                mark_delivered=mark_delivered,
+                order_by_priority=order_by_priority,
+                now=now,
+            )
+            return DataPage(
+                messages=[m.message_data for m in page.messages],
+                has_more=page.has_more,
+                last_id=page.last_id,
+            )
+
+        async def read(conn: Any) -> list[Any]:
+            return await pgdriver.fetch_page(
+                conn, tenant_id, user_id, after_id, limit + 1, priority=order_by_priority
+            )
+
+        rows = await self._read(read)
+        has_more = len(rows) > limit
+        if has_more:
+            del rows[limit:]
+        last_id: int | None = rows[-1][0] if rows else None
+        if order_by_priority:
+            # (id, message_data, priority, created_at): as pull() sorts.
+            rows.sort(key=lambda r: (-r[2], r[3], r[0]))
+        return DataPage(messages=[r[1] for r in rows], has_more=has_more, last_id=last_id)
+
+    async def _read(self, read: Callable[[Any], Awaitable[_R]]) -> _R:
+        """A single-statement read on a driver connection (PostgreSQL)."""
+        return await self._readers.read(read)
+
+    async def close(self) -> None:
+        """Give back the connections kept for reads; then the engine may be disposed."""
+        await self._readers.close()
 
     async def max_id(self, tenant_id: str, user_id: str) -> int:
         """The largest id stored for the recipient (delivered or not), 0 if none."""
