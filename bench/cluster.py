@@ -216,6 +216,27 @@ def cpu_sampler(pids: dict[str, int]) -> Any:
     return read
 
 
+def forward_calls(metrics_a: dict[str, float], forwards: float) -> dict[str, float]:
+    """A's forward RPCs by kind, and how many forwards each ForwardMany carried on
+    average (``forwards`` = single-recipient forwards B received; retries ignored)."""
+    single = sample(metrics_a, "mics_grpc_forward_calls_total", rpc="ForwardSingle")
+    many = sample(metrics_a, "mics_grpc_forward_calls_total", rpc="ForwardMany")
+    return {
+        "ForwardSingle": single,
+        "ForwardMany": many,
+        "per ForwardMany": (forwards - single) / many if many else 0.0,
+        "forwards per call": forwards / (single + many) if single + many else 0.0,
+    }
+
+
+def fmt_calls(calls: dict[str, float]) -> str:
+    return (
+        f"{calls['ForwardSingle']:,.0f} ForwardSingle, {calls['ForwardMany']:,.0f} ForwardMany "
+        f"({calls['per ForwardMany']:.1f} forwards each); "
+        f"{calls['forwards per call']:.2f} forwards per call"
+    )
+
+
 def fmt_cpu(cpu: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.0f}%" for name, value in cpu.items())
 
@@ -262,13 +283,22 @@ async def phase_latency(
             {"node A": a.pid, "node B": b.pid, "load": load.pid, "redis": redis.pid or 0}
         )
         answer = await load.command("go", args.warmup + args.seconds + 60)
-        cpu, _ = read_cpu()
+        cpu, wall = read_cpu()
         metrics_a, metrics_b = await a.metrics(), await b.metrics()
     finally:
         await stop_all([load])
         await cluster.stop()
     files = answer["files"]
     result: dict[str, Any] = {"answer": answer, "cpu": cpu}
+    # CPU per message over the whole run (warm-up included, like the counters): A
+    # handles every message, B only the cross-node ones.
+    local = sample(metrics_a, "mics_deliveries_total", via="local")
+    cross = sample(metrics_b, "mics_deliveries_total", via="grpc_in_single")
+    result["us_per_msg"] = {
+        "A per message": cpu["node A"] / 100.0 * wall * 1e6 / max(1.0, local + cross),
+        "B per cross-node message": cpu["node B"] / 100.0 * wall * 1e6 / max(1.0, cross),
+    }
+    result["calls"] = forward_calls(metrics_a, cross)
     for name in ("cross", "local"):
         delivery = sorted(load_array(files[f"{name}_delivery"]))
         acks = sorted(load_array(files[f"{name}_ack"]))
@@ -321,8 +351,11 @@ def print_latency(r: dict[str, Any], args: argparse.Namespace) -> None:
         f"p99 {late['p99']:.3f} ms, max {late['max']:.3f} ms"
     )
     print(f"CPU: {fmt_cpu(r['cpu'])}")
+    per_msg = ", ".join(f"{k} {v:.0f} us" for k, v in r["us_per_msg"].items())
+    print(f"CPU per message (whole run): {per_msg}")
     via = ", ".join(f"{k} {v:.0f}" for k, v in r["via"].items())
     print(f"node counters (incl. warm-up): {via}")
+    print(f"forward calls A -> B: {fmt_calls(r['calls'])}")
     problems = []
     if not a["completed"]:
         problems.append("time limit: partial run")
@@ -404,6 +437,9 @@ async def phase_throughput(
             "A forward failed": sample(metrics_a, "mics_grpc_forward_failed_total"),
             "A offline buffered": sample(metrics_a, "mics_offline_buffered_total"),
         },
+        "calls": forward_calls(
+            metrics_a, sample(metrics_b, "mics_deliveries_total", via="grpc_in_single")
+        ),
     }
 
 
@@ -423,6 +459,7 @@ def print_throughput(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"CPU: {fmt_cpu(r['cpu'])}; CPU per message: {per_msg}")
     via = ", ".join(f"{k} {v:.0f}" for k, v in r["via"].items())
     print(f"node counters: {via}")
+    print(f"forward calls A -> B: {fmt_calls(r['calls'])}")
     problems = []
     if not a["completed"]:
         problems.append("time limit: partial run")

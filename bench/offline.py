@@ -256,6 +256,7 @@ class CpuMeter:
         self.pids = pids
         self.pg = pg
         self._t0 = time.monotonic()
+        self.wall = 0.0
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
@@ -273,7 +274,7 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         """% of one CPU per process since construction, plus ``other``."""
         end = self._read()
-        wall = max(1e-9, time.monotonic() - self._t0)
+        wall = self.wall = max(1e-9, time.monotonic() - self._t0)
         pct = {k: 100 * (end[k] - self._start[k]) / wall for k in end if k != "_machine"}
         machine = 100 * (end["_machine"] - self._start["_machine"]) / wall
         pct["other"] = max(0.0, machine - sum(pct.values()))
@@ -333,6 +334,13 @@ async def query_value(dsn: str, sql: str, *params: Any) -> Any:
         await conn.close()
 
 
+def offline_linger_setting(args: argparse.Namespace) -> dict[str, int]:
+    """The gateway setting for ``--offline-linger-ms``, if given."""
+    if args.offline_linger_ms is None:
+        return {}
+    return {"kafka_offline_linger_ms": args.offline_linger_ms}
+
+
 def backend_arg(tenant: str, database_url: str, **extra: Any) -> dict[str, Any]:
     return {"database_url": database_url, "tenant": tenant, "secret": SECRET, **extra}
 
@@ -353,6 +361,7 @@ class RssRun:
     acks: Counter[str]
     counters: dict[str, float]
     stored: float | None
+    gateway_cpu_s: float = 0.0  # CPU seconds of the gateway while the messages were sent
 
     @property
     def growth_kb(self) -> int:
@@ -389,6 +398,12 @@ async def rss_run(mode: str, dedup: int, args: argparse.Namespace, infra: Infra)
                 "hook_queue_timeout_ms": 5000,  # /auth only, while connecting
                 "hook_timeout_ms": 5000,
                 "kafka_bootstrap_servers": infra.kafka(),
+                **(
+                    {"kafka_linger_ms": args.rss_linger_ms}
+                    if args.rss_linger_ms is not None
+                    else {}
+                ),
+                **offline_linger_setting(args),
                 "offline_buffer_max_messages_per_user": 10 * args.rss_per_user,
                 "offline_buffer_max_bytes_per_user": 256 * 1024 * 1024,
                 "offline_buffer_max_users_per_tenant": 10 * args.rss_users,
@@ -411,8 +426,10 @@ async def rss_run(mode: str, dedup: int, args: argparse.Namespace, infra: Infra)
         before = await wait_rss_stable(gateway_rss)
         targets = [f"u{j % args.rss_users}" for j in range(total)]
         t0 = time.monotonic()
+        cpu0 = cpu_seconds(gateway.pid)
         acks = await send_all(clients, targets, body, args.rss_window)
         seconds = time.monotonic() - t0
+        gateway_cpu_s = cpu_seconds(gateway.pid) - cpu0
         await wait_events_flushed(port)
         after = await wait_rss_stable(gateway_rss)
         samples = await scrape(port)
@@ -432,7 +449,7 @@ async def rss_run(mode: str, dedup: int, args: argparse.Namespace, infra: Infra)
                 "wait_counter", 130, name="stored", count=total + len(warm), timeout=120, poll_ms=50
             )
             stored = float(answer["value"])
-        return RssRun(mode, before, after, seconds, acks, counters, stored)
+        return RssRun(mode, before, after, seconds, acks, counters, stored, gateway_cpu_s)
     finally:
         await close_all(clients)
         await stop_all(list(reversed(children)))
@@ -463,7 +480,9 @@ async def part_rss(args: argparse.Namespace, infra: Infra) -> list[Row]:
                     f"  {variant}, {mode:<11} run {rep + 1}: RSS {r.before_kb / 1024:.1f} -> "
                     f"{r.after_kb / 1024:.1f} MiB = {r.growth_kb / 1024:+.1f} MiB "
                     f"({r.growth_kb * 1024 / total:.0f} B/msg); sent in {r.seconds:.1f} s "
-                    f"({total / r.seconds:,.0f} msg/s){extra}",
+                    f"({total / r.seconds:,.0f} msg/s; gateway CPU "
+                    f"{100 * r.gateway_cpu_s / r.seconds:.0f}%, "
+                    f"{1e6 * r.gateway_cpu_s / total:.0f} us/msg){extra}",
                     flush=True,
                 )
                 print(
@@ -509,6 +528,10 @@ class AckRun:
         return percentile(getattr(self, f"{which}_ms"), q)
 
     @property
+    def count(self) -> int:
+        return len(self.online_ms) + len(self.offline_ms)
+
+    @property
     def ratio(self) -> float:
         return self.p("offline", 0.99) / self.p("online", 0.99)
 
@@ -542,7 +565,13 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
     )
     rows: list[Row] = []
     body = b"y" * 100
+    offline_linger = args.offline_linger_ms
     for linger in args.ack_linger_ms:
+        label = f"linger.ms={linger}"
+        cmd = f"python -m bench.offline --only ack --ack-linger-ms {linger}"
+        if offline_linger is not None:
+            label += f" (offline producer {offline_linger})"
+            cmd += f" --offline-linger-ms {offline_linger}"
         tenant = f"ack{linger}x{uuid.uuid4().hex[:6]}"
         auth = ModeAuthServer("notify_pull")
         auth_url = await auth.start()
@@ -560,6 +589,7 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
                     "hook_timeout_ms": 5000,
                     "kafka_bootstrap_servers": infra.kafka(),
                     "kafka_linger_ms": linger,
+                    **offline_linger_setting(args),
                 },
             )
             children.append(gateway)
@@ -577,10 +607,12 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
                 cpu = meter.stop()
                 runs.append(r)
                 print(
-                    f"  linger.ms={linger} run {rep + 1}: online p50/p99 "
+                    f"  {label} run {rep + 1}: online p50/p99 "
                     f"{r.p('online', 0.5):.2f}/{r.p('online', 0.99):.2f} ms, offline p50/p99 "
                     f"{r.p('offline', 0.5):.2f}/{r.p('offline', 0.99):.2f} ms, "
-                    f"p99 ratio {r.ratio:.2f}; CPU: {fmt_cpu(cpu)}",
+                    f"p99 ratio {r.ratio:.2f}; CPU: {fmt_cpu(cpu)}; gateway "
+                    f"{cpu['gateway'] / 100 * meter.wall * 1e6 / r.count:.0f} us/msg at "
+                    f"{r.count / meter.wall:,.0f} msg/s",
                     flush=True,
                 )
                 unexpected = {
@@ -598,34 +630,34 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
         best = min(runs, key=lambda r: r.p("offline", 0.99))
         met = best.ratio <= ACK_RATIO_GOAL
         print(
-            f"  linger.ms={linger} best (lowest offline p99): p99 offline "
+            f"  {label} best (lowest offline p99): p99 offline "
             f"{best.p('offline', 0.99):.2f} ms / online {best.p('online', 0.99):.2f} ms = "
             f"{best.ratio:.2f} (goal <= {ACK_RATIO_GOAL}: {'OK' if met else 'MISSED'}); "
             "all runs: " + ", ".join(f"{r.ratio:.2f}" for r in runs)
         )
         rows.append(
             Row(
-                f"sender ack p50/p99, offline (notify_pull) vs online, linger.ms={linger}",
+                f"sender ack p50/p99, offline (notify_pull) vs online, {label}",
                 f"offline {best.p('offline', 0.5):.2f}/{best.p('offline', 0.99):.2f} ms, "
                 f"online {best.p('online', 0.5):.2f}/{best.p('online', 0.99):.2f} ms; "
                 f"p99 ratio {best.ratio:.2f}",
                 f"p99 ratio <= {ACK_RATIO_GOAL}",
                 met,
-                f"python -m bench.offline --only ack --ack-linger-ms {linger}",
+                cmd,
             )
         )
         on, off = single["online"], single["offline"]
         print(
-            f"  linger.ms={linger}, one sender with 32 messages in flight: {on:,.0f} msg/s to "
+            f"  {label}, one sender with 32 messages in flight: {on:,.0f} msg/s to "
             f"online recipients, {off:,.0f} msg/s to offline recipients"
         )
         rows.append(
             Row(
-                f"one sender, 32 in flight, linger.ms={linger}: msg/s to online vs offline",
+                f"one sender, 32 in flight, {label}: msg/s to online vs offline",
                 f"{on:,.0f} vs {off:,.0f} msg/s",
                 "- (finding)",
                 None,
-                f"python -m bench.offline --only ack --ack-linger-ms {linger}",
+                cmd,
             )
         )
     return rows
@@ -1387,7 +1419,17 @@ def main() -> None:
         default=[0, 1],
         help="gateway DEDUP_MAX_ENTRIES per variant (0: default 1M; 1: cache off)",
     )
+    g.add_argument(
+        "--rss-linger-ms", type=int, default=None, help="gateway KAFKA_LINGER_MS (default: its own)"
+    )
     g = parser.add_argument_group("2. ack")
+    g.add_argument(
+        "--offline-linger-ms",
+        type=int,
+        default=None,
+        help="gateway KAFKA_OFFLINE_LINGER_MS, rss and ack: a second producer for the events "
+        "the offline ack waits for (default: the gateway's own)",
+    )
     g.add_argument("--ack-senders", type=int, default=10)
     g.add_argument("--ack-messages", type=int, default=3000, help="per kind and run")
     g.add_argument(

@@ -68,6 +68,16 @@ class Cluster:
         return client
 
 
+async def wait_for_snapshots(*nodes: GatewayServer) -> None:
+    """Every node's live-node snapshot lists every node: homes agree (protocol.md 7.1)."""
+    names = {node.gateway.node_id for node in nodes}
+    directories = [node.membership.directory for node in nodes if node.membership]
+    assert len(directories) == len(nodes)
+    await wait_until(
+        lambda: all(set(d.live_node_ids) == names for d in directories), 10, "snapshots"
+    )
+
+
 @pytest.fixture
 async def cluster(redis_url: str) -> AsyncIterator[Cluster]:
     backend = BackendServer(
@@ -224,8 +234,10 @@ async def test_redis_restart_under_traffic_loses_nothing(
     live: list[str] = []
     while (msg_id := (await bob.next_delivery(timeout=5)).msg_id) != "rr-marker":
         live.append(msg_id)
-    # What found no route meanwhile was held on n1 (the sender's node, legacy mode):
-    # a connection of bob's there drains it.
+    # What found no route meanwhile was buffered (legacy mode) on bob's home node, or
+    # on n1 while its snapshot missed the home: a new connection of bob's on n1 drains
+    # both, once n1 sees every node again (its snapshot names the same home).
+    await wait_for_snapshots(n1, n2)
     other = await cluster.connect(n1, "u2", "d2")
     held = [(await other.next_delivery(timeout=5)).msg_id for _ in range(len(sent) - len(live))]
     assert sorted(live + held) == sorted(sent), "zero loss, nothing twice"

@@ -4,8 +4,7 @@ In-process nodes sharing the session's real Redis and forwarding over real gRPC,
 the ``Cluster`` fixture of ``test_cluster.py``; SDK clients over real WebSockets. Waits
 are for conditions (deadlines only bound a failing test), never fixed sleeps.
 
-The tests marked ``xfail(strict=True)`` pin bugs found while writing these tests; each
-says where the cause is.
+The tests under "bugs found on the way" pin bugs found while writing these tests.
 """
 
 from __future__ import annotations
@@ -19,11 +18,12 @@ import redis.asyncio as aioredis
 
 from mics.client import MicsClient
 from mics.cluster.routes import Route
+from mics.gateway.app import GatewayServer
 from mics.protocol import codec
 from mics.protocol.pb import mics_message_pb2 as msg_pb
 from tests.e2e.conftest import TENANT
 from tests.e2e.scripted_backend import AUTH_SECRET, GET_OFFLINE, ScriptedBackend
-from tests.e2e.test_cluster import Cluster
+from tests.e2e.test_cluster import Cluster, wait_for_snapshots
 from tests.e2e.test_cluster import cluster as cluster  # the fixture, shared
 from tests.support.waiting import wait_until
 
@@ -78,6 +78,17 @@ async def collect(client: MicsClient, into: list[str]) -> None:
 async def wait_for_more(traffic: Traffic, count: int) -> None:
     target = traffic.count + count
     await wait_until(lambda: traffic.count >= target, 10, f"{count} more messages sent")
+
+
+def home_of(node: GatewayServer, user: str) -> str:
+    assert node.membership is not None
+    home = node.membership.directory.home_node(TENANT, user)
+    assert home is not None
+    return home.node_id
+
+
+def sample(server: GatewayServer, name: str, **labels: str) -> float:
+    return server.gateway.metrics_registry.sample(name, labels)
 
 
 async def test_graceful_drain_under_traffic_moves_users_without_loss(cluster: Cluster) -> None:
@@ -215,39 +226,49 @@ async def test_a_node_with_a_wrong_cluster_token_cannot_deliver_to_others(
     n1 = await cluster.add_node("n1", cluster_grpc_token="right-token")
     n2 = await cluster.add_node("n2", cluster_grpc_token="wrong-token")
     n3 = await cluster.add_node("n3", cluster_grpc_token="right-token")
+    await wait_for_snapshots(n1, n2, n3)
+    # Home nodes over (n1, n2, n3): u1's is n3, u2's is n2 (protocol.md 7.1).
+    assert (home_of(n1, "u1"), home_of(n1, "u2")) == ("n3", "n2")
     bob = await cluster.connect(n1, "u2")
     alice = await cluster.connect(n2, "u1")
+    # Connecting asked each user's home node for buffered messages, and n2 refused
+    # n1's call (the drain ends with an offline sync): count what the messages cause
+    # from here on.
+    for client in (bob, alice):
+        await client.next_offline_sync(timeout=5)
+    n1_metrics = n1.gateway.metrics_registry
+    n2_metrics = n2.gateway.metrics_registry
+    refused_by_n1 = n1_metrics.sample("mics_grpc_unauthorized_total")
+    refused_by_n2 = n2_metrics.sample("mics_grpc_unauthorized_total")
 
     ack = await alice.send_single("u2", b"refused", msg_id="tok-1")
     # The forward was refused: the message took the offline path, and the ack says so.
     assert (ack.status, ack.reason) == (SENT, "offline_buffered")
     with pytest.raises(TimeoutError):
         await bob.next_delivery(timeout=0.5)
-    n1_metrics = n1.gateway.metrics_registry
-    n2_metrics = n2.gateway.metrics_registry
     # One attempt: UNAUTHENTICATED is not retried.
-    assert n1_metrics.sample("mics_grpc_unauthorized_total") == 1
+    assert n1_metrics.sample("mics_grpc_unauthorized_total") == refused_by_n1 + 1
     failed = {"tenant": TENANT, "via": "grpc_single", "status": "UNAUTHENTICATED"}
     assert n2_metrics.sample("mics_grpc_forward_failed_total", failed) == 1
     assert (
         n1_metrics.sample("mics_deliveries_total", {"tenant": TENANT, "via": "grpc_in_single"}) == 0
     )
 
-    # The other direction is refused too, by n2.
+    # The other direction is refused too, by n2 (u1's home, n3, takes the message).
     back = await bob.send_single("u1", b"refused too", msg_id="tok-2")
     assert (back.status, back.reason) == (SENT, "offline_buffered")
     with pytest.raises(TimeoutError):
         await alice.next_delivery(timeout=0.5)
-    assert n2_metrics.sample("mics_grpc_unauthorized_total") == 1
+    assert n2_metrics.sample("mics_grpc_unauthorized_total") == refused_by_n2 + 1
 
     # A node with the right token delivers to n1 as usual.
     carol = await cluster.connect(n3, "u3")
     ok = await carol.send_single("u2", b"allowed", msg_id="tok-3")
     assert (ok.status, ok.reason) == (SENT, "")
     assert (await bob.next_delivery(timeout=5)).msg_id == "tok-3"
-    assert n1_metrics.sample("mics_grpc_unauthorized_total") == 1
+    assert n1_metrics.sample("mics_grpc_unauthorized_total") == refused_by_n1 + 1
 
-    # Held, not lost: a connection of bob's on the sender's node drains it.
+    # Held, not lost: on u2's home, here the sender's node; a connection there drains it.
     bob_on_n2 = await cluster.connect(n2, "u2", "d2")
     assert (await bob_on_n2.next_delivery(timeout=5)).msg_id == "tok-1"
 
@@ -327,24 +348,12 @@ async def test_a_lookup_in_flight_during_an_invalidation_does_not_cache_stale_ro
     assert (await bob.next_delivery(timeout=2)).msg_id == "inv-2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="protocol.md 7.2: the legacy buffer belongs on the recipient's home node "
-    "(BufferOffline) and is drained from there on connect (DrainOffline); the gateway "
-    "only ever buffers on the sender's node and drains its own buffer "
-    "(mics.gateway.drain.OfflineDrainer._drain_buffer), and NodeClient has no "
-    "BufferOffline/DrainOffline calls",
-)
 async def test_a_message_held_for_an_offline_user_reaches_them_on_any_node(
     cluster: Cluster,
 ) -> None:
     n1 = await cluster.add_node("n1")
     n2 = await cluster.add_node("n2")
-    directories = [node.membership.directory for node in (n1, n2) if node.membership]
-    await wait_until(
-        lambda: all(set(d.live_node_ids) == {"n1", "n2"} for d in directories), 10, "snapshots"
-    )
+    await wait_for_snapshots(n1, n2)
     alice = await cluster.connect(n1, "u1")
     ack = await alice.send_single("u2", b"while away", msg_id="home-1")
     assert (ack.status, ack.reason) == (SENT, "offline_buffered")
@@ -353,14 +362,111 @@ async def test_a_message_held_for_an_offline_user_reaches_them_on_any_node(
     assert (await bob.next_delivery(timeout=2)).msg_id == "home-1"
 
 
+# -- the offline buffer on the home node (protocol.md 7.1, 7.2) ----------------------------
+
+
+async def test_buffered_messages_go_to_the_home_node_and_are_drained_from_any_node(
+    cluster: Cluster,
+) -> None:
+    n1 = await cluster.add_node("n1")
+    n2 = await cluster.add_node("n2")
+    await wait_for_snapshots(n1, n2)
+    nodes = {"n1": n1, "n2": n2}
+    # Rendezvous over (n1, n2) for tenant t1: u2 lives on n2, u3 on n1 (protocol.md 7.1).
+    assert (home_of(n1, "u2"), home_of(n1, "u3")) == ("n2", "n1")
+    alice = await cluster.connect(n1, "u1")
+    for user in ("u2", "u3"):
+        ack = await alice.send_single(user, b"for later", msg_id=f"later-{user}")
+        assert (ack.status, ack.reason) == (SENT, "offline_buffered")
+    # Each frame sits on its recipient's home, nowhere else.
+    assert n1.gateway.buffer.pending(TENANT, "u2") == 0
+    assert n2.gateway.buffer.pending(TENANT, "u2") == 1
+    assert n1.gateway.buffer.pending(TENANT, "u3") == 1
+    assert sample(n2, "mics_offline_buffered_total", tenant=TENANT, via="grpc_in") == 1
+    assert sample(n1, "mics_grpc_node_calls_received_total", rpc="BufferOffline") == 0
+
+    # Each user connects to the node that is not its home: the drain asks the home.
+    bob = await cluster.connect(n1, "u2")
+    carol = await cluster.connect(n2, "u3")
+    assert (await bob.next_delivery(timeout=5)).msg_id == "later-u2"
+    assert (await carol.next_delivery(timeout=5)).msg_id == "later-u3"
+    for client in (bob, carol):
+        sync = await client.next_offline_sync(timeout=5)
+        assert (sync.delivered, sync.complete, sync.reason) == (1, True, "")
+    for user, home in (("u2", "n2"), ("u3", "n1")):
+        assert nodes[home].gateway.buffer.pending(TENANT, user) == 0
+        assert sample(nodes[home], "mics_offline_drained_total", tenant=TENANT, node="home") == 1
+
+    # Taken once: another connection of the same user finds nothing more.
+    again = await cluster.connect(n2, "u2", "d2")
+    sync = await again.next_offline_sync(timeout=5)
+    assert (sync.delivered, sync.complete) == (0, True)
+
+
+async def test_an_unreachable_home_node_leaves_the_message_with_the_sender_node(
+    cluster: Cluster,
+) -> None:
+    # n2 does not take n1's calls (wrong cluster token): it is u2's home, unreachable.
+    n1 = await cluster.add_node("n1", cluster_grpc_token="one")
+    n2 = await cluster.add_node("n2", cluster_grpc_token="two")
+    await wait_for_snapshots(n1, n2)
+    assert home_of(n1, "u2") == "n2"
+    alice = await cluster.connect(n1, "u1")
+    await alice.next_offline_sync(timeout=5)  # her connect drain asked n2 too, in vain
+    ack = await alice.send_single("u2", b"kept here", msg_id="kept-1")
+    assert (ack.status, ack.reason) == (SENT, "offline_buffered")
+    assert n1.gateway.buffer.pending(TENANT, "u2") == 1
+    refused = {"tenant": TENANT, "status": "UNAUTHENTICATED"}
+    assert sample(n1, "mics_grpc_offline_buffer_failed_total", **refused) == 1
+
+    # Bob connects to n1: its own buffer drains; the home's could not be asked, and the
+    # offline sync says so.
+    failed_drains = sample(n1, "mics_grpc_offline_drain_failed_total", **refused)
+    bob = await cluster.connect(n1, "u2")
+    assert (await bob.next_delivery(timeout=5)).msg_id == "kept-1"
+    sync = await bob.next_offline_sync(timeout=5)
+    assert (sync.delivered, sync.complete, sync.reason) == (1, False, "buffer unavailable")
+    assert sample(n1, "mics_grpc_offline_drain_failed_total", **refused) == failed_drains + 1
+
+
+async def test_a_draining_home_node_takes_no_more_messages(cluster: Cluster) -> None:
+    n1 = await cluster.add_node("n1")
+    n2 = await cluster.add_node("n2")
+    await wait_for_snapshots(n1, n2)
+    assert home_of(n1, "u2") == "n2"
+    alice = await cluster.connect(n1, "u1")
+    n2.gateway.draining = True  # as from the start of a graceful shutdown
+    ack = await alice.send_single("u2", b"not there", msg_id="drn-1")
+    assert (ack.status, ack.reason) == (SENT, "offline_buffered")
+    # n2's buffer would end with n2: n1 keeps the message, and n2 is not penalized.
+    assert n2.gateway.buffer.pending(TENANT, "u2") == 0
+    assert n1.gateway.buffer.pending(TENANT, "u2") == 1
+    assert n1.membership is not None
+    assert n1.membership.forwarder.breaker_state("n2") == "closed"
+    n2.gateway.draining = False
+    bob = await cluster.connect(n1, "u2")
+    assert (await bob.next_delivery(timeout=5)).msg_id == "drn-1"
+
+
 async def test_the_documented_unauthorized_metric_counts_refused_calls(cluster: Cluster) -> None:
     n1 = await cluster.add_node("n1", cluster_grpc_token="right-token")
     n2 = await cluster.add_node("n2", cluster_grpc_token="wrong-token")
-    await cluster.connect(n1, "u2")
+    await wait_for_snapshots(n1, n2)
+    bob = await cluster.connect(n1, "u2")
     alice = await cluster.connect(n2, "u1")
+
+    def documented() -> float:
+        return sum(
+            node.gateway.metrics_registry.sample("mics_grpc_unauthorized_total")
+            for node in (n1, n2)
+        )
+
+    # Connecting asked the users' home nodes for buffered messages (refused or not);
+    # each drain ends with an offline sync.
+    for client in (bob, alice):
+        await client.next_offline_sync(timeout=5)
+    before = documented()
+    refused_by_n1 = n1.gateway.metrics_registry.sample("mics_grpc_unauthorized_total")
     assert (await alice.send_single("u2", b"refused", msg_id="m-1")).reason == "offline_buffered"
-    assert n1.gateway.metrics_registry.sample("mics_grpc_unauthorized_total") == 1
-    documented = sum(
-        node.gateway.metrics_registry.sample("mics_grpc_unauthorized_total") for node in (n1, n2)
-    )
-    assert documented == 1
+    assert n1.gateway.metrics_registry.sample("mics_grpc_unauthorized_total") == refused_by_n1 + 1
+    assert documented() == before + 1

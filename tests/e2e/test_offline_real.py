@@ -462,20 +462,17 @@ async def test_live_message_held_behind_a_drain_survives_the_disconnect(
     assert bob.msg_ids == ["held-1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway bug: the fallback buffer is drained at most once: frames leave the "
-        "buffer when written to a connection, not when the client confirms them"
-    ),
-)
 async def test_buffered_live_message_survives_a_connection_that_dies_before_confirming(
     make_stack: StackFactory,
 ) -> None:
     """The held message of the test above waits in the gateway's buffer. The next
     connection gets it written to its socket, then dies before the app processed it (no
     receipt). The connection after that must get it again: nothing confirmed it.
-    Receipts exist for exactly this (offline-design.md 8.1); the buffer ignores them."""
+    Receipts exist for exactly this (offline-design.md 8.1).
+
+    Found against b8e2e82 (frames left the buffer when written, not when confirmed);
+    fixed by the per-connection ledger of unconfirmed deliveries (mics.gateway.unconfirmed),
+    handed back to the offline path when the connection ends."""
     stack = await make_stack()
     carol = await stack.connect("u3")
     await stack.wait_producer_ready()
@@ -501,20 +498,16 @@ async def test_buffered_live_message_survives_a_connection_that_dies_before_conf
     await wait_until(lambda: bob.has(["held-2"]), 10, "the unconfirmed message again")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SDK bug: MicsClient.close() cancels the reader before the close handshake, so "
-        "deliveries the gateway wrote before it saw the close frame are discarded"
-    ),
-)
 async def test_live_messages_in_flight_when_the_client_closes_are_not_lost(
     make_stack: StackFactory,
 ) -> None:
     """Every live message acked SENT was written to the recipient's socket before the
-    gateway read the client's close frame (afterwards it goes to the offline path). A
-    client that reads until the gateway's close frame (RFC 6455 closing handshake) gets
-    them all; the SDK stops reading first and throws them away."""
+    gateway read the client's close frame (afterwards it goes to the offline path). The
+    SDK stops reading when it closes and confirms only what it processed; the gateway
+    hands the unconfirmed rest back to the offline path, so the next connection gets it.
+
+    Found against b8e2e82 (what the closing client never read was lost); fixed with the
+    test above."""
     stack = await make_stack()
     carol = await stack.connect("u3")
     await stack.wait_producer_ready()

@@ -48,11 +48,11 @@ async def test_unexpected_error_in_pipeline_acks_internal_error(
     real = pipeline._deliver_local
     calls = {"n": 0}
 
-    def flaky(tenant_id: str, user_id: str, frame: bytes) -> bool:
+    def flaky(tenant_id: str, user_id: str, frame: bytes, msg_id: str) -> bool:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real(tenant_id, user_id, frame)
+        return real(tenant_id, user_id, frame, msg_id)
 
     monkeypatch.setattr(pipeline, "_deliver_local", flaky)
     alice = await stack.connect("u1")

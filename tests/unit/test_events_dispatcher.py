@@ -226,3 +226,55 @@ def test_bootstrap_validation() -> None:
     for bad in ("", "localhost", "host:0", "host:99999", "a:1,,b:2", "http://x:1"):
         with pytest.raises(EventConfigError):
             parse_bootstrap(bad)
+
+
+async def test_confirmed_events_can_have_a_transport_of_their_own(
+    registry: MetricsRegistry,
+) -> None:
+    bulk, fast = ScriptedTransport(), ScriptedTransport()
+    dispatcher = EventDispatcher(bulk, DispatcherConfig(), registry, confirmed=fast)
+    await dispatcher.start()
+    assert dispatcher.publish(event("t1", user="alice"))
+    confirmed = dispatcher.publish_confirmed(
+        event("t1", user="alice", kind=hook_pb.OFFLINE_MESSAGE, to="bob")
+    )
+    assert confirmed is not None
+    assert await asyncio.wait_for(confirmed, 5) is True
+    await wait_until(lambda: len(bulk.produced) == 1, 5, "the chat event")
+    assert [key for _, key, _ in bulk.produced] == [b"alice"]
+    assert [key for _, key, _ in fast.produced] == [b"bob"]
+    # A confirmed event that fails goes to the dead-letter topic the same way.
+    fast.fail_topics.add(topic_for("t2"))
+    failed = dispatcher.publish_confirmed(event("t2", kind=hook_pb.OFFLINE_MESSAGE))
+    assert failed is not None
+    assert await asyncio.wait_for(failed, 5) is False
+    await wait_until(lambda: fast.produced[-1][0] == dlq_topic_for("t2"), 5, "dead letter")
+    assert all(topic == topic_for("t1") for topic, _, _ in bulk.produced)
+    await dispatcher.stop(1)
+    assert bulk.closed
+    assert fast.closed
+
+
+async def test_a_confirmed_event_with_nothing_ahead_is_produced_at_once(
+    registry: MetricsRegistry,
+) -> None:
+    transport = ScriptedTransport()
+    dispatcher = await started(transport, registry)
+    offline = event("t1", kind=hook_pb.OFFLINE_MESSAGE, to="bob")
+    first = dispatcher.publish_confirmed(offline)
+    assert first is not None
+    assert [key for _, key, _ in transport.produced] == [b"bob"]  # no loop turn needed
+    # Behind a queued event it waits for its turn: the tenant's order is kept.
+    assert dispatcher.publish(event("t1", user="carol"))
+    second = dispatcher.publish_confirmed(event("t1", kind=hook_pb.OFFLINE_MESSAGE, to="dave"))
+    assert second is not None
+    assert len(transport.produced) == 1
+    assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [True, True]
+    assert [key for _, key, _ in transport.produced] == [b"bob", b"carol", b"dave"]
+    # A full transport leaves it to the pump.
+    transport.full_times = 1
+    third = dispatcher.publish_confirmed(event("t1", kind=hook_pb.OFFLINE_MESSAGE, to="erin"))
+    assert third is not None
+    assert await asyncio.wait_for(third, 5) is True
+    assert transport.produced[-1][1] == b"erin"
+    await dispatcher.stop(1)

@@ -57,7 +57,9 @@ class TopicSettings:
 class KafkaSettings:
     bootstrap_servers: str
     client_id: str = "mics"
-    linger_ms: int = 5  # the offline path's durable ack waits on this
+    # The offline path's durable ack waits on this, unless its events have a producer
+    # of their own (mics.gateway.wiring, KAFKA_OFFLINE_LINGER_MS).
+    linger_ms: int = 5
     compression_type: str = "lz4"
     # librdkafka gives up on a message after this long; the dispatcher then retries.
     message_timeout_ms: int = 30_000

@@ -10,7 +10,9 @@
   once to the tenant's dead-letter topic, then dropped and counted. Nothing is queued
   without bound.
 - `publish_confirmed` returns a future that resolves True once the transport has
-  durably accepted the event on the event topic, False once it has given up on it.
+  durably accepted the event on the event topic, False once it has given up on it. The
+  event is handed to the transport at once when nothing of its tenant is queued ahead
+  of it (someone is waiting), else in its turn.
 - `stop` flushes what is queued within a time bound.
 
 Ordering: one tenant's events leave its queue in order; a retried event goes back to
@@ -18,6 +20,11 @@ the head of its queue, and with `max_inflight_per_tenant` > 1 a retry can land b
 events produced after it. Per-key order on the broker is what the consumer relies on,
 and the Kafka producer keeps it (idempotent producer, in-order retries inside one
 attempt); a retry after a failed attempt is the rare case where order may differ.
+
+Events someone waits on (`publish_confirmed`: the offline path's durable ack) may go
+through a transport of their own (`confirmed`), e.g. a Kafka producer that does not
+linger, while the others keep batching. Per-key order then holds within each kind:
+every OFFLINE_MESSAGE event is published confirmed, every other event is not.
 """
 
 from __future__ import annotations
@@ -88,15 +95,19 @@ class _TenantQueue:
 
 
 class EventDispatcher:
-    """An `EventBus` over any `EventTransport`."""
+    """An `EventBus` over any `EventTransport` (and optionally a second one for the
+    events published with `publish_confirmed`)."""
 
     def __init__(
         self,
         transport: EventTransport,
         config: DispatcherConfig,
         metrics: MetricsRegistry,
+        confirmed: EventTransport | None = None,
     ) -> None:
         self._transport = transport
+        self._confirmed_transport = confirmed if confirmed is not None else transport
+        self._transports = [transport] if confirmed in (None, transport) else [transport, confirmed]
         self._config = config
         self._m = EventMetrics(metrics)
         self._tenants: dict[str, _TenantQueue] = {}
@@ -122,7 +133,8 @@ class EventDispatcher:
         return future if self._enqueue(event, future) else None
 
     async def start(self) -> None:
-        await self._transport.start()
+        for transport in self._transports:
+            await transport.start()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -140,11 +152,14 @@ class EventDispatcher:
         if self._pump_task is not None:
             self._pump_task.cancel()
             await asyncio.gather(self._pump_task, return_exceptions=True)
-        remaining = await self._transport.flush(0.5)
+        remaining = 0
+        for transport in self._transports:
+            remaining += await transport.flush(0.5)
         self._drop_everything("shutdown")
         if remaining:
             log.warning("events left in the transport at shutdown", extra={"count": remaining})
-        await self._transport.close()
+        for transport in self._transports:
+            await transport.close()
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -175,7 +190,31 @@ class EventDispatcher:
         queue.items.append(item)
         self._queued += 1
         self._m.queue_depth.labels(tenant).inc()
+        if (
+            confirm is not None
+            and len(queue.items) == 1
+            and queue.inflight < self._config.max_inflight_per_tenant
+            and self._produce_now(queue)
+        ):
+            return True
         self._kick()
+        return True
+
+    def _produce_now(self, queue: _TenantQueue) -> bool:
+        """Someone waits for the event just queued, with nothing ahead of it in its
+        tenant's queue: hand it to the transport now rather than on the pump's next turn
+        (one loop iteration later). False if the transport is full: the pump retries."""
+        item = queue.items[0]
+        try:
+            self._produce(item)
+        except TransportFull:
+            return False
+        queue.items.popleft()
+        self._queued -= 1
+        queue.inflight += 1
+        self._inflight += 1
+        if self._idle is not None:
+            self._idle.clear()
         return True
 
     def _kick(self) -> None:
@@ -234,9 +273,8 @@ class EventDispatcher:
 
     def _produce(self, item: _Item) -> None:
         topic = dlq_topic_for(item.tenant) if item.dead_letter else topic_for(item.tenant)
-        self._transport.produce(
-            topic, item.key, item.value, lambda error: self._on_done(item, error)
-        )
+        transport = self._transport if item.confirm is None else self._confirmed_transport
+        transport.produce(topic, item.key, item.value, lambda error: self._on_done(item, error))
 
     def _retry_later(self, delay_s: float) -> None:
         asyncio.get_running_loop().call_later(delay_s, self._kick)

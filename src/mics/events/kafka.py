@@ -1,14 +1,21 @@
 """Kafka transport over confluent-kafka (librdkafka).
 
 Produces are asynchronous: `produce` hands the message to librdkafka's buffer and
-returns; a poll task on the event loop serves delivery reports, so callbacks run on the
-loop thread with no cross-thread hand-off. The producer is idempotent with acks=all.
+returns. Delivery reports are served by a dedicated thread blocked in
+`producer.poll(timeout)`: it wakes as soon as librdkafka has a report, collects all
+those ready in one batch and hands the batch to the event loop with one
+`call_soon_threadsafe`, so the callbacks (`on_done`) still run on the loop thread, and
+a confirmation waits neither for a poll interval nor for the loop to come round. With
+nothing outstanding the thread sleeps on an event instead of polling. The producer is
+idempotent with acks=all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
@@ -20,7 +27,14 @@ from mics.events.transport import DoneCallback, TransportFull
 log = logging.getLogger("mics.events.kafka")
 _librdkafka_log = logging.getLogger("mics.events.librdkafka")
 
-_POLL_INTERVAL_S = 0.002
+# How long the report thread blocks in one poll: bounds how long close() waits for it
+# while messages are outstanding (a report wakes it at once).
+_POLL_TIMEOUT_S = 0.1
+# With nothing outstanding it sleeps on an event, waking this often to serve
+# librdkafka's log lines.
+_IDLE_WAIT_S = 1.0
+
+_Report = tuple[DoneCallback, Exception | None]
 
 
 class KafkaDeliveryError(Exception):
@@ -34,23 +48,41 @@ class KafkaTransport:
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: Producer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Produces whose report has not run on the loop yet (loop thread only).
         self._outstanding = 0
-        self._work = asyncio.Event()
-        self._poller: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+        # The report thread: _pending collects the reports of one poll (that thread
+        # only, or the loop thread once the thread has stopped); _wake ends its idle
+        # wait; _stopping ends it.
+        self._thread: threading.Thread | None = None
+        self._pending: list[_Report] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
 
     async def start(self) -> None:
         config: dict[str, object] = dict(self._settings.producer_config())
         config["logger"] = _librdkafka_log  # librdkafka's own lines, as JSON logs
         try:
-            self._producer = Producer(config)
+            producer = Producer(config)
         except KafkaException as exc:
             raise EventConfigError(f"invalid Kafka producer configuration: {exc}") from exc
         loop = asyncio.get_running_loop()
-        self._poller = loop.create_task(self._poll_forever())
+        self._producer = producer
+        self._loop = loop
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._serve_reports,
+            args=(producer, loop),
+            name=f"kafka-reports-{self._settings.client_id}",
+            daemon=True,
+        )
+        self._thread.start()
         # Connect before serving, so the first event does not pay for it. A broker that
         # is down now is not fatal: events queue and flow once it is back.
         try:
-            await loop.run_in_executor(None, self._producer.list_topics, None, 5.0)
+            await loop.run_in_executor(None, producer.list_topics, None, 5.0)
         except KafkaException as exc:
             log.warning(
                 "Kafka not reachable at startup; events will queue", extra={"error": str(exc)}
@@ -61,8 +93,8 @@ class KafkaTransport:
         assert producer is not None, "start() first"
 
         def report(error: KafkaError | None, _: Message) -> None:
-            self._outstanding -= 1
-            on_done(None if error is None else KafkaDeliveryError(error))
+            # Runs inside producer.poll(), on the report thread.
+            self._pending.append((on_done, None if error is None else KafkaDeliveryError(error)))
 
         try:
             producer.produce(topic, value=value, key=key, on_delivery=report)
@@ -73,37 +105,81 @@ class KafkaTransport:
             loop.call_soon(on_done, KafkaDeliveryError(exc.args[0]))
             return
         self._outstanding += 1
-        self._work.set()
+        self._drained.clear()
+        if not self._wake.is_set():
+            self._wake.set()
 
-    async def _poll_forever(self) -> None:
-        producer = self._producer
-        assert producer is not None
-        while True:
-            if not self._outstanding:
-                self._work.clear()
-                await self._work.wait()
-            producer.poll(0)  # runs delivery callbacks on this thread
-            await asyncio.sleep(_POLL_INTERVAL_S)
+    # -- the report thread ------------------------------------------------------------------
+
+    def _serve_reports(self, producer: Producer, loop: asyncio.AbstractEventLoop) -> None:
+        stopping = self._stopping
+        wake = self._wake
+        while not stopping.is_set():
+            try:
+                if not len(producer):
+                    # Nothing in librdkafka's queues: sleep until a produce or close (or
+                    # a while, to serve librdkafka's own log lines).
+                    wake.wait(_IDLE_WAIT_S)
+                    wake.clear()
+                    continue
+                producer.poll(_POLL_TIMEOUT_S)  # runs the reports' callbacks here
+                self._hand_over(loop)
+            except Exception:  # never leave reports unserved: log, pause, go on
+                log.exception("Kafka delivery report thread failed")
+                stopping.wait(_POLL_TIMEOUT_S)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            loop.call_soon_threadsafe(self._run_reports, batch)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.warning("Kafka delivery reports after the loop closed", extra={"count": len(batch)})
+
+    def _run_reports(self, batch: list[_Report]) -> None:
+        for on_done, error in batch:
+            self._outstanding -= 1
+            try:
+                on_done(error)
+            except Exception:
+                log.exception("Kafka delivery callback failed")
+        if self._outstanding <= 0:
+            self._drained.set()
+
+    async def _stop_thread(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        self._stopping.set()
+        self._wake.set()
+        await asyncio.to_thread(thread.join)
+        # The reports of its last poll have been handed over, or are still here.
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._run_reports(batch)
+
+    # -- flush and close ----------------------------------------------------------------------
 
     async def flush(self, timeout_s: float) -> int:
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             return 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._outstanding and loop.time() < deadline:
-            producer.poll(0)
-            await asyncio.sleep(_POLL_INTERVAL_S)
+        if self._outstanding:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
         return self._outstanding
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
-        if self._producer is not None:
-            self._producer.poll(0)
-            self._producer = None
+        await self._stop_thread()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            # Reports that arrived since the thread's last poll (the dispatcher has
+            # given up on them by now, but their callbacks must still run once).
+            producer.poll(0)
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._run_reports(batch)
 
 
 def provision_topics(

@@ -71,6 +71,11 @@ class GatewaySettings(BaseSettings):
     kafka_retry_backoff_ms: int = 50
     kafka_max_inflight_per_tenant: int = 1_000
     kafka_linger_ms: int = 5
+    # linger.ms of a second producer for the OFFLINE_MESSAGE events whose confirmation
+    # the sender's ack waits for (the others keep KAFKA_LINGER_MS); -1, or the same
+    # value as KAFKA_LINGER_MS: one producer for all. 1 rather than 0: as fast an ack
+    # (docs/benchmarks.md), but a loaded gateway sends fewer, fuller produce requests.
+    kafka_offline_linger_ms: int = 1
     kafka_compression_type: str = "lz4"
     kafka_message_timeout_ms: int = 30_000
     kafka_provision_topics: bool = False
@@ -79,6 +84,11 @@ class GatewaySettings(BaseSettings):
     kafka_topic_retention_ms: int = 7 * 24 * 3600 * 1000
     # Longest the sender's ack waits for the broker to confirm an OFFLINE_MESSAGE.
     offline_notify_wait_ms: int = 200
+    # Deliveries a v1.1 connection may leave unconfirmed (no DeliveryAck yet); what is
+    # unconfirmed when it ends goes back to the offline path. Past either cap the oldest
+    # are forgotten (receipts are optional). 0 messages: no tracking.
+    unconfirmed_max_messages: int = 1024
+    unconfirmed_max_bytes: int = 8 * 1_048_576
 
     # Cluster (protocol.md 7 and 8). An empty REDIS__CONNECTION keeps the node alone
     # with the in-memory route table.
@@ -105,6 +115,8 @@ class GatewaySettings(BaseSettings):
 
     heartbeat_sweep_interval_seconds: float = 5.0
     drain_timeout_seconds: int = 10
+    # On drain, how long v1.1 connections get to confirm their deliveries before 4200.
+    drain_receipt_wait_ms: int = 1000
     log_level: str = "INFO"
 
     @field_validator("hook_queue_timeout_ms")

@@ -8,22 +8,25 @@ WebSocket connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from mics.cluster.forwarding import NodeClient
 from mics.cluster.redis_routes import RouteTableUnavailable
 from mics.cluster.routes import Admission, AdmissionLimits, AdmissionResult, Route, RouteTable
+from mics.events.build import message_event, signed_event
 from mics.events.bus import EventBus
 from mics.gateway.config import GatewaySettings
 from mics.gateway.dedup import DedupCache
 from mics.gateway.drain import OfflineDrainer, uses_hook_pull
 from mics.gateway.metrics import GatewayMetrics
-from mics.gateway.offline import LegacyBuffer, OfflineDelivery
+from mics.gateway.offline import LegacyBuffer, OfflineDelivery, RequeueResult
 from mics.gateway.pipeline import MessagePipeline, PipelineLimits
 from mics.gateway.ratelimit import TenantQpsLimiter
 from mics.gateway.registry import SessionRegistry
@@ -38,7 +41,6 @@ from mics.protocol import codec
 from mics.protocol.ids import new_trace_id
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
-from mics.protocol.signing import sign_event
 
 log = logging.getLogger("mics.gateway")
 
@@ -133,6 +135,9 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[object]] = set()
         self._close_tasks: set[asyncio.Task[object]] = set()
+        self._requeues: set[asyncio.Task[None]] = set()
+        # Set on a receipt or a session end while draining (see _await_receipts).
+        self._receipts_changed = asyncio.Event()
         self._ws: dict[str, web.WebSocketResponse] = {}
         self._close_cb = self._close_session  # one bound method shared by all sessions
         self._forwarder = forwarder
@@ -170,6 +175,9 @@ class Gateway:
         sessions = list(self.registry)
         for session in sessions:
             await self._unregister(session)
+            session.accepting = False  # from here on, messages for it go elsewhere
+        await self._await_receipts(sessions, started, timeout)
+        for session in sessions:
             session.close(codec.CLOSE_DRAINING, "server draining")
             self.metrics.shutdown_drain.labels(self.node_id).inc()
         pending = [t for t in self._connections if not t.done()]
@@ -181,8 +189,31 @@ class Gateway:
         await self.drainer.close()
         remaining = None if timeout is None else max(0.1, timeout - (time.monotonic() - started))
         await self.events.stop(remaining if remaining is not None else 30.0)
+        for task in list(self._requeues):
+            task.cancel()
+        await asyncio.gather(*self._requeues, return_exceptions=True)
         await self.hooks.close()
         log.info("gateway drained", extra={"sessions": len(sessions)})
+
+    async def _await_receipts(
+        self, sessions: list[Session], started: float, budget_s: float | None
+    ) -> None:
+        """Give v1.1 clients a moment to confirm what they were sent before their
+        connections close: what they confirm is not handed back to the offline path,
+        so their next connection does not get it again (clients confirm within 1 s,
+        protocol.md 9.2). Bounded by the receipt wait and the drain timeout."""
+        limit = self.settings.drain_receipt_wait_ms / 1000
+        if budget_s is not None:
+            limit = min(limit, max(0.0, budget_s / 2 - (time.monotonic() - started)))
+        deadline = time.monotonic() + limit
+        changed = self._receipts_changed
+        while any(s.ledger and not s.closed for s in sessions):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
 
     # -- connection sequence (protocol.md 2.2) -----------------------------------------------
 
@@ -260,6 +291,10 @@ class Gateway:
             transport=transport,
             loop=asyncio.get_running_loop(),
             send_limit=self.settings.max_send_buffer_bytes,
+            ledger_limits=(
+                self.settings.unconfirmed_max_messages,
+                self.settings.unconfirmed_max_bytes,
+            ),
             close_cb=self._close_cb,
         )
 
@@ -317,6 +352,8 @@ class Gateway:
                 elif kind == "delivery_ack":
                     session.touch()  # receipts are activity, and they confirm offline pages
                     self.drainer.on_receipt(session, frame.delivery_ack)
+                    if self.draining:
+                        self._receipts_changed.set()
                 if session.closed:
                     break
         finally:
@@ -324,7 +361,9 @@ class Gateway:
                 self.registry.remove(session)
             session.flush_now()
             session.closed = True
-            self._keep_held(session)
+            self._requeue_undelivered(session)
+            if self.draining:
+                self._receipts_changed.set()
             self._ws.pop(session.conn_id, None)
             if connected:
                 self._count_connect(session, -1)
@@ -333,17 +372,67 @@ class Gateway:
                 await self._remove_route(session)
             self.routes_changed(session.tenant_id, session.user_id)
 
-    def _keep_held(self, session: Session) -> None:
-        """Live deliveries held behind a drain that never finished were acked SENT to
-        their senders: keep them for the user's next connection instead of dropping
-        them with the session."""
-        held = session.take_held()
-        for frame in held:
-            self.buffer.put(
-                session.tenant_id, session.user_id, frame, session.runtime.offline_ttl_s
+    def _requeue_undelivered(self, session: Session) -> None:
+        """Hand what the ended connection never confirmed back to the offline path.
+
+        Live deliveries still held behind an unfinished drain were acked SENT to their
+        senders; on a v1.1 connection, so were the ones written but not confirmed by a
+        receipt (the socket may have died with them, the client may have stopped
+        reading). Nothing else holds them: they go offline now, in order, before any
+        message that goes offline after this connection ended (protocol.md 9.2)."""
+        tenant = session.tenant_id
+        ledger = session.ledger
+        if ledger is not None and ledger.evicted:
+            self.metrics.unconfirmed_forgotten.labels(tenant).inc(ledger.evicted)
+        taken = session.take_undelivered()
+        if not taken:
+            return
+        items = [(frame, self._offline_event_builder(session, frame)) for _, frame in taken]
+        settle = self.offline.requeue(session.runtime, session.user_id, items)
+        task = asyncio.get_running_loop().create_task(self._after_requeue(session, settle))
+        self._requeues.add(task)
+        task.add_done_callback(self._requeues.discard)
+
+    def _offline_event_builder(
+        self, session: Session, frame: bytes
+    ) -> Callable[[], hook_pb.MqEvent]:
+        def build() -> hook_pb.MqEvent:
+            message = msg_pb.ServerFrame.FromString(frame).delivery.message
+            return message_event(
+                message,
+                hook_pb.OFFLINE_MESSAGE,
+                session.user_id,
+                tenant_id=session.tenant_id,
+                secret=session.runtime.tenant_secret,
+                node_id=self.node_id,
+                trace_id=session.trace_id,
             )
-        if held:
-            self.metrics.offline_buffered.labels(session.tenant_id, "held").inc(len(held))
+
+        return build
+
+    async def _after_requeue(
+        self, session: Session, settle: Coroutine[Any, Any, RequeueResult]
+    ) -> None:
+        result = await settle
+        tenant, user = session.tenant_id, session.user_id
+        requeued = self.metrics.offline_requeued
+        for outcome, count in (
+            ("notified", result.notified),
+            ("buffered", result.buffered),
+            ("lost", result.lost),
+        ):
+            if count:
+                requeued.labels(tenant, outcome).inc(count)
+        if result.lost:
+            log.error(
+                "unconfirmed deliveries lost: the broker and the buffer refused them",
+                extra={"user_id": user, "count": result.lost},
+            )
+        # A newer connection of the user here may have drained the buffer already.
+        devices = self.registry.devices(tenant, user)
+        for other in list(devices.values()) if devices else []:
+            if not other.closed:
+                self.drainer.start(other, "nudge")
 
     async def _refuse(
         self, ws: web.WebSocketResponse, tenant_id: str, code: int, reason: str
@@ -460,7 +549,7 @@ class Gateway:
             key = f"{tenant_id}|{message.user_id}|{message.msg_id}|{user}"
             if not self._forwarded.claim(key):
                 continue  # a retry of a forward this node already delivered
-            written = self.pipeline.router.deliver_local(tenant_id, user, frame)
+            written = self.pipeline.router.deliver_local(tenant_id, user, frame, message.msg_id)
             if written:
                 written_total += written
             else:
@@ -553,15 +642,14 @@ class Gateway:
             node_id=self.node_id,
             trace_id=session.trace_id,
         )
-        event = hook_pb.MqEvent(
+        event = signed_event(
             tenant_id=session.tenant_id,
             event_type=event_type,
+            secret=session.runtime.tenant_secret,
+            node_id=self.node_id,
+            trace_id=session.trace_id,
             user_id=session.user_id,
             device_id=session.device_id,
             event_data=ack.SerializeToString(),
-            timestamp=now_ms(),
-            node_id=self.node_id,
-            trace_id=session.trace_id,
         )
-        sign_event(event, session.runtime.tenant_secret)
         self.events.publish(event)

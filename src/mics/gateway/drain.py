@@ -28,10 +28,12 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from mics.cluster.home_buffer import REASON_BUFFER_UNAVAILABLE, HomeBuffer
 from mics.gateway.metrics import GatewayMetrics
 from mics.gateway.offline import LegacyBuffer
 from mics.gateway.session import Session
 from mics.gateway.tenants import OfflineMode
+from mics.gateway.unconfirmed import Kind
 from mics.hooks.client import HookClient, HookOp, HookResult
 from mics.observability.metrics import MetricsRegistry
 from mics.protocol.codec import delivery_frame, offline_sync_frame
@@ -162,6 +164,9 @@ class DrainMetrics:
 
 
 class OfflineDrainer:
+    # Set by the cluster membership: the user's home node buffers too (protocol 7.2).
+    home: HomeBuffer | None = None
+
     def __init__(
         self,
         *,
@@ -182,7 +187,12 @@ class OfflineDrainer:
 
     def start(self, session: Session, trigger: str) -> bool:
         """Start a drain for ``session``, or fold it into the one running; True if new."""
-        if trigger == "connect" and not uses_hook_pull(session):
+        home = self.home
+        if (
+            trigger == "connect"
+            and not uses_hook_pull(session)
+            and (home is None or home.remote_home(session.tenant_id, session.user_id) is None)
+        ):
             # Nothing to pull: drain the buffer right here, with no task and no state
             # kept for the connection's lifetime (most of them have nothing to drain).
             self._m.requests.labels(session.tenant_id, trigger).inc()
@@ -208,10 +218,16 @@ class OfflineDrainer:
 
     def on_receipt(self, session: Session, receipt: msg_pb.DeliveryAck) -> None:
         """A v1.1 DeliveryAck: confirm deliveries, then commit what is fully confirmed."""
+        ledger = session.ledger
         state = session.offline
         if not isinstance(state, OfflineState) or not (state.pages or state.buffered_pending):
+            if ledger is not None:
+                for msg_id in receipt.msg_ids:
+                    ledger.confirm(msg_id)
             return
         for msg_id in receipt.msg_ids:
+            if ledger is not None and ledger.confirm(msg_id) is Kind.LIVE:
+                continue  # a live delivery: nothing offline to commit
             pending = state.buffered_pending.get(msg_id)
             if pending:
                 # The earliest unconfirmed delivery with this id is the buffered copy.
@@ -296,21 +312,41 @@ class OfflineDrainer:
                 self._m.failed.labels(session.tenant_id, "hook_fail").inc()
         if session.closed:
             return DrainOutcome(delivered, False, reason)
-        buffered = self._drain_buffer(session, state)
+        frames: list[bytes] | None = None
+        if self.home is not None:  # the user's home node's buffer and this node's
+            taken = await self.home.take(session.tenant_id, session.user_id)
+            frames = taken.frames
+            if session.closed:
+                ttl = session.runtime.offline_ttl_s
+                self.home.restore(session.tenant_id, session.user_id, frames, ttl)
+                return DrainOutcome(delivered, False, reason)
+            if not taken.complete:
+                complete, reason = False, reason or REASON_BUFFER_UNAVAILABLE
+        buffered = self._drain_buffer(session, state, frames)
         return DrainOutcome(delivered + buffered, complete, reason)
 
-    def _drain_buffer(self, session: Session, state: OfflineState | None) -> int:
-        """Push the user's buffered frames; with ``state``, skip what was pulled already."""
-        frames = self._buffer.take(session.tenant_id, session.user_id)
+    def _drain_buffer(
+        self, session: Session, state: OfflineState | None, frames: list[bytes] | None = None
+    ) -> int:
+        """Push the user's buffered frames (``frames`` if already taken); with ``state``,
+        skip what was pulled already."""
+        if session.closed:
+            return 0  # they stay buffered for the next connection
+        if frames is None:
+            frames = self._buffer.take(session.tenant_id, session.user_id)
         sent = 0
         for frame in frames:
-            if state is None:
-                session.send(frame)
+            if state is None and not session.v11:
+                session.send(frame)  # v1: no receipts, nothing to match or remember
                 sent += 1
                 continue
             message = msg_pb.ServerFrame.FromString(frame).delivery.message
+            if state is None:
+                session.send_tracked(frame, message.msg_id, Kind.BUFFERED)
+                sent += 1
+                continue
             if state.remember(f"{message.user_id}|{message.msg_id}"):
-                session.send(frame)
+                session.send_tracked(frame, message.msg_id, Kind.BUFFERED)
                 sent += 1
                 if session.v11:
                     pending = state.buffered_pending

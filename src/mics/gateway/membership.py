@@ -18,6 +18,7 @@ from grpc import aio
 from redis.asyncio import Redis
 
 from mics.cluster.forwarding import NodeClient, NodeService, start_node_server
+from mics.cluster.home_buffer import HomeBuffer
 from mics.cluster.nodes import NodeDirectory
 from mics.cluster.redis_routes import (
     RedisRouteTable,
@@ -56,6 +57,7 @@ class ClusterMembership:
             snapshot_s=settings.node_snapshot_seconds,
             cleanup_s=settings.node_cleanup_seconds,
         )
+        self.home_buffer: HomeBuffer | None = None
         self._gateway: Gateway | None = None
         self._server: aio.Server | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -72,7 +74,11 @@ class ClusterMembership:
     async def start(self, gateway: Gateway) -> None:
         self._gateway = gateway
         service = NodeService(
-            gateway, gateway.metrics_registry, token=self._settings.cluster_grpc_token
+            gateway,
+            gateway.metrics_registry,
+            token=self._settings.cluster_grpc_token,
+            buffered=gateway.metrics.offline_buffered,
+            drained=gateway.metrics.offline_drained,
         )
         self._server, self.grpc_port = await start_node_server(
             service, self._settings.grpc_host, self._settings.resolved_grpc_port
@@ -87,6 +93,12 @@ class ClusterMembership:
         self._renewer = loop.create_task(self._renew_forever())
         self._listener = loop.create_task(self._listen_for_route_changes())
         gateway.announce_route_change = self.announce_route_change
+        # The offline buffer lives on each user's home node (protocol.md 7.1, 7.2).
+        self.home_buffer = HomeBuffer(
+            gateway.buffer, self.directory, self.forwarder, node_id=self._settings.node_id
+        )
+        gateway.offline.home = self.home_buffer
+        gateway.drainer.home = self.home_buffer
         log.info("cluster member", extra={"grpc_port": self.grpc_port})
 
     async def stop(self) -> None:

@@ -68,6 +68,17 @@ class GatewayMetrics:
         self.offline_buffered = r.counter(
             "mics_offline_buffered", "Messages put in the in-memory buffer", ("tenant", "via")
         )
+        self.offline_requeued = r.counter(
+            "mics_offline_requeued",
+            "Unconfirmed deliveries handed back to the offline path when their connection "
+            "ended, by outcome (notified, buffered, lost)",
+            ("tenant", "result"),
+        )
+        self.unconfirmed_forgotten = r.counter(
+            "mics_unconfirmed_forgotten",
+            "Deliveries no longer tracked for a receipt (the per-connection cap was reached)",
+            ("tenant",),
+        )
         self.offline_buffer_skipped = r.counter(
             "mics_offline_buffer_skipped", "Messages the buffer refused", ("tenant", "via")
         )

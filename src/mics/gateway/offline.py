@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from mics.cluster.home_buffer import HomeBuffer
 from mics.events.bus import EventBus
 from mics.gateway.metrics import GatewayMetrics
 from mics.gateway.tenants import OfflineMode, TenantRuntime
@@ -31,6 +33,13 @@ REASON_USER_OFFLINE = "user_offline"
 REASON_BUFFERED = "offline_buffered"
 REASON_BUFFER_FULL = "offline_buffer_full"
 REASON_UNAVAILABLE = "offline_unavailable"
+
+
+@dataclass(slots=True)
+class RequeueResult:
+    notified: int = 0
+    buffered: int = 0
+    lost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +159,9 @@ class LegacyBuffer:
 class OfflineDelivery:
     """Routes a message for an offline recipient according to the tenant's mode."""
 
+    # Set by the cluster membership: buffer on the recipient's home node (protocol 7.2).
+    home: HomeBuffer | None = None
+
     def __init__(
         self,
         *,
@@ -184,7 +196,14 @@ class OfflineDelivery:
             notified = await self._notify(build_event())
         buffered = False
         if allow_buffer and (mode is not OfflineMode.NOTIFY_PULL or not notified):
-            buffered = self.buffer.put(runtime.tenant_id, recipient, frame, runtime.offline_ttl_s)
+            if self.home is not None:
+                buffered = await self.home.put(
+                    runtime.tenant_id, recipient, frame, runtime.offline_ttl_s
+                )
+            else:
+                buffered = self.buffer.put(
+                    runtime.tenant_id, recipient, frame, runtime.offline_ttl_s
+                )
         if notified:
             reason = REASON_USER_OFFLINE
         elif buffered:
@@ -203,3 +222,58 @@ class OfflineDelivery:
             return await asyncio.wait_for(asyncio.shield(confirmation), self._notify_wait_s)
         except TimeoutError:
             return False
+
+    def requeue(
+        self,
+        runtime: TenantRuntime,
+        recipient: str,
+        items: Sequence[tuple[bytes, Callable[[], hook_pb.MqEvent]]],
+    ) -> Coroutine[Any, Any, RequeueResult]:
+        """Hand deliveries a connection never confirmed back to the offline path.
+
+        Every frame goes into the buffer, so the user's next connection to this node
+        gets it at once, and (unless the tenant is legacy) an OFFLINE_MESSAGE event goes
+        to the backend, so it survives this node and reaches the user's other devices.
+        A connection that gets both copies pushes one (mics.gateway.drain). Unlike
+        `store`, all of it happens before this returns, in the order given, so messages
+        that go offline after the connection ended cannot overtake these. The returned
+        coroutine waits (bounded) for the broker's confirmations and counts outcomes.
+        """
+        confirmations: list[asyncio.Future[bool] | None] = []
+        if runtime.offline_mode is not OfflineMode.LEGACY and self._events.enabled:
+            confirmations = [self._events.publish_confirmed(build()) for _, build in items]
+        held = [
+            self.buffer.put(runtime.tenant_id, recipient, frame, runtime.offline_ttl_s)
+            for frame, _ in items
+        ]
+        return self._settle(runtime, recipient, confirmations, held)
+
+    async def _settle(
+        self,
+        runtime: TenantRuntime,
+        recipient: str,
+        confirmations: list[asyncio.Future[bool] | None],
+        held: list[bool],
+    ) -> RequeueResult:
+        if self.home is not None and any(held):
+            # Buffered here to keep the order; in a cluster they belong on the user's
+            # home node, where the user's next connection looks, whichever node it is.
+            await self.home.hand_home(runtime.tenant_id, recipient, runtime.offline_ttl_s)
+        waiting = [c for c in confirmations if c is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._notify_wait_s)
+        result = RequeueResult()
+        for index, buffered in enumerate(held):
+            confirmation = confirmations[index] if confirmations else None
+            if (
+                confirmation is not None
+                and confirmation.done()
+                and not confirmation.cancelled()
+                and confirmation.result()
+            ):
+                result.notified += 1
+            elif buffered:
+                result.buffered += 1
+            else:
+                result.lost += 1
+        return result

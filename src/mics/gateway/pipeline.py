@@ -3,7 +3,11 @@
 protocol.md sections 2.5-2.7 with the v1.1 behaviour of 9.9. Each message ends in
 exactly one ack. Messages that need no I/O (no hook configured, nothing in flight on the
 connection) are processed inline by the reader; the rest run as tasks, at most
-`max_inflight_per_connection` per connection, and deliver in the order they arrived.
+`max_inflight_per_connection` per connection, and deliver in the order they arrived: a
+message holds the connection's turn (mics.gateway.session) until it is delivered, or
+until its recipients are known to be offline; from there it waits only for the
+connection's earlier messages to the same recipients, so the broker's confirmation of
+one offline message does not hold up the connection's messages to anyone else.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
+from mics.events.build import message_event
 from mics.events.bus import EventBus
 from mics.gateway.dedup import DedupCache
 from mics.gateway.metrics import GatewayMetrics
@@ -28,7 +33,6 @@ from mics.protocol.codec import ack_server_frame, delivery_frame
 from mics.protocol.ids import new_trace_id
 from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
-from mics.protocol.signing import sign_event
 
 log = logging.getLogger("mics.gateway.pipeline")
 
@@ -193,9 +197,9 @@ class MessagePipeline:
     ) -> None:
         try:
             if req.msg_type == msg_pb.SINGLE_CHAT:
-                ack = await self._single(session, req, key, prev)
+                ack = await self._single(session, req, key, prev, mine)
             else:
-                ack = await self._group(session, req, key, prev)
+                ack = await self._group(session, req, key, prev, mine)
         except asyncio.CancelledError:
             self._dedup.release(key)
             raise
@@ -225,6 +229,7 @@ class MessagePipeline:
         req: msg_pb.MessageRequest,
         key: str,
         prev: asyncio.Future[None] | None,
+        mine: asyncio.Future[None] | None,
     ) -> msg_pb.ServerFrame:
         runtime = session.runtime
         if not self._qps.allow(session.tenant_id, runtime.tenant_max_message_qps):
@@ -238,7 +243,7 @@ class MessagePipeline:
             await prev
         frame = delivery_frame(req)
         if self._router.local_only:
-            offline = not self._deliver_local(session.tenant_id, req.to_user_id, frame)
+            offline = not self._deliver_local(session.tenant_id, req.to_user_id, frame, req.msg_id)
         else:
             reach = await self._router.deliver(session.tenant_id, [req.to_user_id], frame, req)
             self._count_local(session.tenant_id, reach.local)
@@ -246,7 +251,18 @@ class MessagePipeline:
         if not offline:
             reason = ""
         else:
-            result = await self._offline_store(session, req, req.to_user_id, frame)
+            recipients = (req.to_user_id,)
+            before, turn = session.enter_offline_order(recipients)
+            if mine is not None:
+                # Hand the connection's turn on: later messages to other users need not
+                # wait for the broker's confirmation of this one (protocol.md 9.9).
+                session.leave_order(mine)
+            try:
+                if before:
+                    await asyncio.wait(before)
+                result = await self._offline_store(session, req, req.to_user_id, frame)
+            finally:
+                session.leave_offline_order(recipients, turn)
             if result.notified:
                 self._m.offline_notified.labels(session.tenant_id).inc()
             if result.buffered:
@@ -265,6 +281,7 @@ class MessagePipeline:
         req: msg_pb.MessageRequest,
         key: str,
         prev: asyncio.Future[None] | None,
+        mine: asyncio.Future[None] | None,
     ) -> msg_pb.ServerFrame:
         tenant = session.tenant_id
         runtime = session.runtime
@@ -290,10 +307,15 @@ class MessagePipeline:
         self._m.group_members.labels(tenant).inc(len(members))
         if prev is not None and not prev.done():
             await prev
-        return await self._fan_out(session, req, key, members)
+        return await self._fan_out(session, req, key, members, mine)
 
     async def _fan_out(
-        self, session: Session, req: msg_pb.MessageRequest, key: str, members: list[str]
+        self,
+        session: Session,
+        req: msg_pb.MessageRequest,
+        key: str,
+        members: list[str],
+        mine: asyncio.Future[None] | None,
     ) -> msg_pb.ServerFrame:
         tenant = session.tenant_id
         frame = delivery_frame(req)
@@ -301,7 +323,7 @@ class MessagePipeline:
         offline_members: list[str] = []
         if self._router.local_only:
             for member in members:
-                if self._deliver_local(tenant, member, frame):
+                if self._deliver_local(tenant, member, frame, req.msg_id):
                     delivered += 1
                 else:
                     offline_members.append(member)
@@ -313,13 +335,48 @@ class MessagePipeline:
             if reach.nodes:
                 self._m.group_fanout_nodes.labels(tenant).inc(reach.nodes)
         notified = buffered = skipped = 0
+        if offline_members:
+            before, turn = session.enter_offline_order(offline_members)
+            if mine is not None:
+                session.leave_order(mine)  # as in _single: the broker is not in the turn
+            try:
+                if before:
+                    await asyncio.wait(before)
+                notified, buffered, skipped = await self._group_offline(
+                    session, req, frame, offline_members
+                )
+            finally:
+                session.leave_offline_order(offline_members, turn)
+        m = self._m
+        if notified:
+            m.group_offline_notified.labels(tenant).inc(notified)
+        if buffered:
+            m.group_offline_buffered.labels(tenant).inc(buffered)
+            m.offline_buffered.labels(tenant, "local").inc(buffered)
+        if skipped:
+            m.group_offline_buffer_skipped.labels(tenant).inc(skipped)
+        if delivered or notified or buffered:
+            reply = _ack(req.msg_id, SENT, "")
+            self._emit(session, hook_pb.GROUP_CHAT_MSG, req, req.to_user_id)
+        else:
+            self._dedup.release(key)
+            reply = _ack(req.msg_id, FAILED, "delivery failed")
+        ack = reply.ack
+        ack.partial_delivery = skipped > 0
+        ack.offline_notified_users = notified
+        ack.offline_buffered_users = buffered
+        ack.offline_skipped_users = skipped
+        return reply
+
+    async def _group_offline(
+        self, session: Session, req: msg_pb.MessageRequest, frame: bytes, offline_members: list[str]
+    ) -> tuple[int, int, int]:
+        """Notify or buffer a group message's offline members: (notified, buffered, skipped)."""
+        tenant = session.tenant_id
+        notified = buffered = skipped = 0
         buffer_room = self._limits.group_offline_buffer_max
         results: list[OfflineResult] = []
-        if (
-            offline_members
-            and self._events.enabled
-            and (session.runtime.offline_mode is not OfflineMode.LEGACY)
-        ):
+        if self._events.enabled and (session.runtime.offline_mode is not OfflineMode.LEGACY):
             # Broker confirmations overlap instead of queuing one behind another.
             results = list(
                 await asyncio.gather(
@@ -342,31 +399,12 @@ class MessagePipeline:
                 buffered += 1
             elif not result.notified:
                 skipped += 1
-        m = self._m
-        if notified:
-            m.group_offline_notified.labels(tenant).inc(notified)
-        if buffered:
-            m.group_offline_buffered.labels(tenant).inc(buffered)
-            m.offline_buffered.labels(tenant, "local").inc(buffered)
-        if skipped:
-            m.group_offline_buffer_skipped.labels(tenant).inc(skipped)
-        if delivered or notified or buffered:
-            reply = _ack(req.msg_id, SENT, "")
-            self._emit(session, hook_pb.GROUP_CHAT_MSG, req, req.to_user_id)
-        else:
-            self._dedup.release(key)
-            reply = _ack(req.msg_id, FAILED, "delivery failed")
-        ack = reply.ack
-        ack.partial_delivery = skipped > 0
-        ack.offline_notified_users = notified
-        ack.offline_buffered_users = buffered
-        ack.offline_skipped_users = skipped
-        return reply
+        return notified, buffered, skipped
 
     # -- delivery helpers ---------------------------------------------------------------
 
-    def _deliver_local(self, tenant_id: str, user_id: str, frame: bytes) -> bool:
-        written = self._router.deliver_local(tenant_id, user_id, frame)
+    def _deliver_local(self, tenant_id: str, user_id: str, frame: bytes, msg_id: str) -> bool:
+        written = self._router.deliver_local(tenant_id, user_id, frame, msg_id)
         if written:
             self._counters(tenant_id).deliveries_local.inc(written)
         return written > 0
@@ -461,21 +499,15 @@ class MessagePipeline:
         req: msg_pb.MessageRequest,
         to_user_id: str,
     ) -> hook_pb.MqEvent:
-        event = hook_pb.MqEvent(
+        return message_event(
+            req,
+            event_type,
+            to_user_id,
             tenant_id=session.tenant_id,
-            event_type=event_type,
-            msg_id=req.msg_id,
-            user_id=req.user_id,
-            device_id=req.device_id,
-            to_user_id=to_user_id,
-            group_id=req.group_id,
-            event_data=req.SerializeToString(),
-            timestamp=now_ms(),
+            secret=session.runtime.tenant_secret,
             node_id=self._node_id,
             trace_id=session.trace_id,
         )
-        sign_event(event, session.runtime.tenant_secret)
-        return event
 
     def _emit(
         self,

@@ -125,13 +125,13 @@ class Router:
     def local_only(self) -> bool:
         return self._routes.local_only or self._forwarder is None
 
-    def deliver_local(self, tenant_id: str, user_id: str, frame: bytes) -> int:
+    def deliver_local(self, tenant_id: str, user_id: str, frame: bytes, msg_id: str) -> int:
         devices = self._registry.devices(tenant_id, user_id)
         if not devices:
             return 0
         written = 0
         for target in list(devices.values()):
-            if target.deliver(frame):
+            if target.deliver(frame, msg_id):
                 written += 1
         return written
 
@@ -146,7 +146,7 @@ class Router:
         reach = Reach()
         local_hits: set[str] = set()
         for user in recipients:
-            written = self.deliver_local(tenant_id, user, frame)
+            written = self.deliver_local(tenant_id, user, frame, message.msg_id)
             if written:
                 reach.local += written
                 local_hits.add(user)
@@ -162,7 +162,7 @@ class Router:
         # offline path after its connect drain already ran.
         for user in recipients:
             if user not in local_hits:
-                written = self.deliver_local(tenant_id, user, frame)
+                written = self.deliver_local(tenant_id, user, frame, message.msg_id)
                 if written:
                     reach.local += written
                     local_hits.add(user)

@@ -9,9 +9,17 @@ socket: one writer, one order.
 Holding: while the connection's offline backlog drains, live deliveries are held and
 released after it (protocol.md 9.4), so the backlog always comes first.
 
+Confirming: on a connection that speaks receipts (v1.1), every live delivery written
+stays in an `Unconfirmed` ledger until a DeliveryAck confirms it; what is left when the
+connection ends goes back to the offline path (mics.gateway.unconfirmed).
+
 Ordering: a connection may have several messages in processing (hooks are slow), but
 each one delivers only after its predecessor has delivered, so every recipient sees one
-connection's messages in the order they were sent.
+connection's messages in the order they were sent (protocol.md 9.9). A message whose
+recipient is offline hands its turn on as soon as that is known, instead of holding it
+for the broker's confirmation: from there it keeps its place in a per-recipient order
+(`enter_offline_order`), so messages to other users overlap while each recipient's
+offline messages still go offline in the order they were sent.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mics.gateway.tenants import TenantRuntime
+from mics.gateway.unconfirmed import Kind, Unconfirmed
 from mics.protocol.codec import truncate_close_reason, ws_binary_header
 
 log = logging.getLogger("mics.gateway.session")
@@ -45,18 +54,22 @@ class Session:
     __slots__ = (
         "_close_cb",
         "_held",
+        "_ledger_limits",
         "_loop",
+        "_offline_tails",
         "_out",
         "_send_limit",
         "_slot_free",
         "_tail",
         "_transport",
+        "accepting",
         "close_code",
         "closed",
         "conn_id",
         "device_id",
         "inflight",
         "last_seen",
+        "ledger",
         "offline",
         "runtime",
         "tenant_id",
@@ -79,6 +92,7 @@ class Session:
         loop: asyncio.AbstractEventLoop,
         send_limit: int,
         close_cb: CloseCallback,
+        ledger_limits: tuple[int, int] = (1024, 8 << 20),
     ) -> None:
         self.tenant_id = tenant_id
         self.user_id = user_id
@@ -93,13 +107,22 @@ class Session:
         self._close_cb = close_cb
         self._out: list[bytes] | None = None
         # Start held: nothing may overtake ConnectAck and the offline backlog.
-        self._held: list[bytes] | None = []
+        self._held: list[tuple[str, bytes]] | None = []
+        # v1.1 only, created with the first tracked delivery (idle connections have none);
+        # (max messages, max bytes), 0 messages: no tracking.
+        self.ledger: Unconfirmed | None = None
+        self._ledger_limits = ledger_limits if v11 and ledger_limits[0] > 0 else None
         self._tail: asyncio.Future[None] | None = None
+        # Recipient -> the last of this connection's messages going offline to them;
+        # created with the first offline message (idle connections have none).
+        self._offline_tails: dict[str, asyncio.Future[None]] | None = None
         self._slot_free: asyncio.Future[None] | None = None
         self.inflight = 0
         # Offline drain state (mics.gateway.drain), created on the first drain.
         self.offline: object | None = None
         self.closed = False
+        # False while the node drains: no new deliveries, receipts still read.
+        self.accepting = True
         self.close_code = 0
         self.last_seen = time.monotonic()
 
@@ -116,15 +139,32 @@ class Session:
         else:
             out.append(frame)
 
-    def deliver(self, frame: bytes) -> bool:
+    def deliver(self, frame: bytes, msg_id: str = "") -> bool:
         """Queue a live delivery, held behind the offline backlog while it drains."""
-        if self.closed:
+        if self.closed or not self.accepting:
             return False
         if self._held is not None:
-            self._held.append(frame)
+            self._held.append((msg_id, frame))
         else:
             self.send(frame)
+            if self._ledger_limits is not None:
+                self._track(msg_id, frame, Kind.LIVE)
         return True
+
+    def send_tracked(self, frame: bytes, msg_id: str, kind: Kind) -> None:
+        """Send a delivery that exists only in this gateway; kept until confirmed."""
+        if self.closed:
+            return
+        self.send(frame)
+        if self._ledger_limits is not None:
+            self._track(msg_id, frame, kind)
+
+    def _track(self, msg_id: str, frame: bytes, kind: Kind) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            assert self._ledger_limits is not None
+            ledger = self.ledger = Unconfirmed(*self._ledger_limits)
+        ledger.add(msg_id, frame, kind)
 
     def hold(self) -> None:
         """Start holding live deliveries (a drain is about to run)."""
@@ -135,13 +175,21 @@ class Session:
         """End the hold: queue the live deliveries that arrived during the drain."""
         held, self._held = self._held, None
         if held:
-            for frame in held:
+            tracked = self._ledger_limits is not None
+            for msg_id, frame in held:
                 self.send(frame)
+                if tracked:
+                    self._track(msg_id, frame, Kind.LIVE)
 
-    def take_held(self) -> list[bytes]:
-        """The live deliveries still held (the connection ended during its drain)."""
+    def take_undelivered(self) -> list[tuple[str, bytes]]:
+        """Deliveries this connection never confirmed, oldest first: the written ones
+        a v1.1 client did not acknowledge, then the live ones still held behind a drain.
+        Called once the connection ended; the caller hands them to the offline path."""
+        taken = self.ledger.take() if self.ledger is not None else []
         held, self._held = self._held, None
-        return held or []
+        if held:
+            taken.extend(held)
+        return taken
 
     @property
     def holding(self) -> bool:
@@ -196,6 +244,7 @@ class Session:
         return prev, mine
 
     def leave_order(self, mine: asyncio.Future[None]) -> None:
+        """End this message's turn (idempotent): the next one may deliver."""
         if not mine.done():
             mine.set_result(None)
         if self._tail is mine:
@@ -204,6 +253,37 @@ class Session:
     @property
     def order_idle(self) -> bool:
         return self._tail is None
+
+    def enter_offline_order(
+        self, recipients: Sequence[str]
+    ) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
+        """Take the next place in the offline order of each of ``recipients``.
+
+        Called during the message's turn, so the places follow the connection's order.
+        Returns the earlier messages still going offline to any of them (wait for
+        those first) and this message's place, for `leave_offline_order`.
+        """
+        mine: asyncio.Future[None] = self._loop.create_future()
+        tails = self._offline_tails
+        if tails is None:
+            tails = self._offline_tails = {}
+        before: dict[asyncio.Future[None], None] = {}
+        for user in recipients:
+            prev = tails.get(user)
+            if prev is not None and not prev.done():
+                before[prev] = None
+            tails[user] = mine
+        return list(before), mine
+
+    def leave_offline_order(self, recipients: Sequence[str], mine: asyncio.Future[None]) -> None:
+        """This message is offline (or failed): the next ones to the same users may go."""
+        if not mine.done():
+            mine.set_result(None)
+        tails = self._offline_tails
+        if tails:
+            for user in recipients:
+                if tails.get(user) is mine:
+                    del tails[user]
 
     async def acquire_slot(self, limit: int) -> None:
         while self.inflight >= limit:

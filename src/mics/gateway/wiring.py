@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mics.events.bus import EventBus, NullEventBus
 from mics.events.config import DispatcherConfig, KafkaSettings, TopicSettings
 from mics.events.dispatcher import EventDispatcher
@@ -45,8 +47,17 @@ def build_event_bus(
     if kind == "kafka":
         from mics.events.kafka import KafkaTransport  # librdkafka only when Kafka is used
 
-        transport = KafkaTransport(kafka_settings(settings))
-        return EventDispatcher(transport, dispatcher_config(settings), metrics), None
+        main = kafka_settings(settings)
+        transport = KafkaTransport(main)
+        confirmed = None
+        offline_linger = settings.kafka_offline_linger_ms
+        if offline_linger >= 0 and offline_linger != main.linger_ms:
+            # The events the sender's ack waits for, on a producer that lingers less.
+            confirmed = KafkaTransport(
+                replace(main, client_id=f"{main.client_id}-offline", linger_ms=offline_linger)
+            )
+        bus = EventDispatcher(transport, dispatcher_config(settings), metrics, confirmed)
+        return bus, None
     if kind == "inprocess":
         local = InProcessTransport()
         return EventDispatcher(local, dispatcher_config(settings), metrics), local

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mics.protocol.pb import mics_message_pb2 as mics_dot_protocol_dot_pb_dot_mics__message__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mics/protocol/pb/mics_node.proto\x12\x0cmics.node.v1\x1a#mics/protocol/pb/mics_message.proto\"B\n\nForwardAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10missing_user_ids\x18\x10 \x03(\t\"o\n\x14\x46orwardSingleRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x30\n\x07message\x18\x03 \x01(\x0b\x32\x1f.mics.message.v1.MessageRequest\"o\n\x13\x46orwardBatchRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bto_user_ids\x18\x02 \x03(\t\x12\x30\n\x07message\x18\x03 \x01(\x0b\x32\x1f.mics.message.v1.MessageRequest\"h\n\x14\x42ufferOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_frame\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"9\n\x13\x44rainOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"-\n\x14\x44rainOfflineResponse\x12\x15\n\rserver_frames\x18\x01 \x03(\x0c\"J\n\x12PullOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08trace_id\x18\x03 \x01(\t\"*\n\x13PullOfflineResponse\x12\x13\n\x0b\x63onnections\x18\x01 \x01(\r2\xa3\x03\n\x0bNodeGateway\x12M\n\rForwardSingle\x12\".mics.node.v1.ForwardSingleRequest\x1a\x18.mics.node.v1.ForwardAck\x12K\n\x0c\x46orwardBatch\x12!.mics.node.v1.ForwardBatchRequest\x1a\x18.mics.node.v1.ForwardAck\x12M\n\rBufferOffline\x12\".mics.node.v1.BufferOfflineRequest\x1a\x18.mics.node.v1.ForwardAck\x12U\n\x0c\x44rainOffline\x12!.mics.node.v1.DrainOfflineRequest\x1a\".mics.node.v1.DrainOfflineResponse\x12R\n\x0bPullOffline\x12 .mics.node.v1.PullOfflineRequest\x1a!.mics.node.v1.PullOfflineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mics/protocol/pb/mics_node.proto\x12\x0cmics.node.v1\x1a#mics/protocol/pb/mics_message.proto\"B\n\nForwardAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10missing_user_ids\x18\x10 \x03(\t\"o\n\x14\x46orwardSingleRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x30\n\x07message\x18\x03 \x01(\x0b\x32\x1f.mics.message.v1.MessageRequest\"o\n\x13\x46orwardBatchRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bto_user_ids\x18\x02 \x03(\t\x12\x30\n\x07message\x18\x03 \x01(\x0b\x32\x1f.mics.message.v1.MessageRequest\"g\n\x0b\x46orwardItem\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0bto_user_ids\x18\x02 \x03(\t\x12\x30\n\x07message\x18\x03 \x01(\x0b\x32\x1f.mics.message.v1.MessageRequest\">\n\x12\x46orwardManyRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.mics.node.v1.ForwardItem\"=\n\x13\x46orwardManyResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.mics.node.v1.ForwardAck\"h\n\x14\x42ufferOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nto_user_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_frame\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x05\"9\n\x13\x44rainOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"-\n\x14\x44rainOfflineResponse\x12\x15\n\rserver_frames\x18\x01 \x03(\x0c\"J\n\x12PullOfflineRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08trace_id\x18\x03 \x01(\t\"*\n\x13PullOfflineResponse\x12\x13\n\x0b\x63onnections\x18\x01 \x01(\r2\xf7\x03\n\x0bNodeGateway\x12M\n\rForwardSingle\x12\".mics.node.v1.ForwardSingleRequest\x1a\x18.mics.node.v1.ForwardAck\x12K\n\x0c\x46orwardBatch\x12!.mics.node.v1.ForwardBatchRequest\x1a\x18.mics.node.v1.ForwardAck\x12M\n\rBufferOffline\x12\".mics.node.v1.BufferOfflineRequest\x1a\x18.mics.node.v1.ForwardAck\x12U\n\x0c\x44rainOffline\x12!.mics.node.v1.DrainOfflineRequest\x1a\".mics.node.v1.DrainOfflineResponse\x12R\n\x0bPullOffline\x12 .mics.node.v1.PullOfflineRequest\x1a!.mics.node.v1.PullOfflineResponse\x12R\n\x0b\x46orwardMany\x12 .mics.node.v1.ForwardManyRequest\x1a!.mics.node.v1.ForwardManyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,16 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDSINGLEREQUEST']._serialized_end=266
   _globals['_FORWARDBATCHREQUEST']._serialized_start=268
   _globals['_FORWARDBATCHREQUEST']._serialized_end=379
-  _globals['_BUFFEROFFLINEREQUEST']._serialized_start=381
-  _globals['_BUFFEROFFLINEREQUEST']._serialized_end=485
-  _globals['_DRAINOFFLINEREQUEST']._serialized_start=487
-  _globals['_DRAINOFFLINEREQUEST']._serialized_end=544
-  _globals['_DRAINOFFLINERESPONSE']._serialized_start=546
-  _globals['_DRAINOFFLINERESPONSE']._serialized_end=591
-  _globals['_PULLOFFLINEREQUEST']._serialized_start=593
-  _globals['_PULLOFFLINEREQUEST']._serialized_end=667
-  _globals['_PULLOFFLINERESPONSE']._serialized_start=669
-  _globals['_PULLOFFLINERESPONSE']._serialized_end=711
-  _globals['_NODEGATEWAY']._serialized_start=714
-  _globals['_NODEGATEWAY']._serialized_end=1133
+  _globals['_FORWARDITEM']._serialized_start=381
+  _globals['_FORWARDITEM']._serialized_end=484
+  _globals['_FORWARDMANYREQUEST']._serialized_start=486
+  _globals['_FORWARDMANYREQUEST']._serialized_end=548
+  _globals['_FORWARDMANYRESPONSE']._serialized_start=550
+  _globals['_FORWARDMANYRESPONSE']._serialized_end=611
+  _globals['_BUFFEROFFLINEREQUEST']._serialized_start=613
+  _globals['_BUFFEROFFLINEREQUEST']._serialized_end=717
+  _globals['_DRAINOFFLINEREQUEST']._serialized_start=719
+  _globals['_DRAINOFFLINEREQUEST']._serialized_end=776
+  _globals['_DRAINOFFLINERESPONSE']._serialized_start=778
+  _globals['_DRAINOFFLINERESPONSE']._serialized_end=823
+  _globals['_PULLOFFLINEREQUEST']._serialized_start=825
+  _globals['_PULLOFFLINEREQUEST']._serialized_end=899
+  _globals['_PULLOFFLINERESPONSE']._serialized_start=901
+  _globals['_PULLOFFLINERESPONSE']._serialized_end=943
+  _globals['_NODEGATEWAY']._serialized_start=946
+  _globals['_NODEGATEWAY']._serialized_end=1449
 # @@protoc_insertion_point(module_scope)

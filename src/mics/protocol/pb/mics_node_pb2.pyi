@@ -37,6 +37,28 @@ class ForwardBatchRequest(_message.Message):
     message: _mics_message_pb2.MessageRequest
     def __init__(self, tenant_id: _Optional[str] = ..., to_user_ids: _Optional[_Iterable[str]] = ..., message: _Optional[_Union[_mics_message_pb2.MessageRequest, _Mapping]] = ...) -> None: ...
 
+class ForwardItem(_message.Message):
+    __slots__ = ("tenant_id", "to_user_ids", "message")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    to_user_ids: _containers.RepeatedScalarFieldContainer[str]
+    message: _mics_message_pb2.MessageRequest
+    def __init__(self, tenant_id: _Optional[str] = ..., to_user_ids: _Optional[_Iterable[str]] = ..., message: _Optional[_Union[_mics_message_pb2.MessageRequest, _Mapping]] = ...) -> None: ...
+
+class ForwardManyRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ForwardItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ForwardItem, _Mapping]]] = ...) -> None: ...
+
+class ForwardManyResponse(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[ForwardAck]
+    def __init__(self, acks: _Optional[_Iterable[_Union[ForwardAck, _Mapping]]] = ...) -> None: ...
+
 class BufferOfflineRequest(_message.Message):
     __slots__ = ("tenant_id", "to_user_id", "server_frame", "ttl_seconds")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class NodeGatewayStub:
                 request_serializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineRequest.SerializeToString,
                 response_deserializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineResponse.FromString,
                 _registered_method=True)
+        self.ForwardMany = channel.unary_unary(
+                '/mics.node.v1.NodeGateway/ForwardMany',
+                request_serializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyRequest.SerializeToString,
+                response_deserializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyResponse.FromString,
+                _registered_method=True)
 
 
 class NodeGatewayServicer:
@@ -94,6 +99,12 @@ class NodeGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardMany(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_NodeGatewayServicer_to_server(servicer, server):
                     servicer.PullOffline,
                     request_deserializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineRequest.FromString,
                     response_serializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineResponse.SerializeToString,
+            ),
+            'ForwardMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardMany,
+                    request_deserializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyRequest.FromString,
+                    response_serializer=mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class NodeGateway:
             '/mics.node.v1.NodeGateway/PullOffline',
             mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineRequest.SerializeToString,
             mics_dot_protocol_dot_pb_dot_mics__node__pb2.PullOfflineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mics.node.v1.NodeGateway/ForwardMany',
+            mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyRequest.SerializeToString,
+            mics_dot_protocol_dot_pb_dot_mics__node__pb2.ForwardManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,7 @@ class NodeGatewayStub:
     BufferOffline: _grpc.UnaryUnaryMultiCallable[_mics_node_pb2.BufferOfflineRequest, _mics_node_pb2.ForwardAck]
     DrainOffline: _grpc.UnaryUnaryMultiCallable[_mics_node_pb2.DrainOfflineRequest, _mics_node_pb2.DrainOfflineResponse]
     PullOffline: _grpc.UnaryUnaryMultiCallable[_mics_node_pb2.PullOfflineRequest, _mics_node_pb2.PullOfflineResponse]
+    ForwardMany: _grpc.UnaryUnaryMultiCallable[_mics_node_pb2.ForwardManyRequest, _mics_node_pb2.ForwardManyResponse]
 
 @_typing.type_check_only
 class NodeGatewayAsyncStub(NodeGatewayStub):
@@ -45,6 +46,7 @@ class NodeGatewayAsyncStub(NodeGatewayStub):
     BufferOffline: _aio.UnaryUnaryMultiCallable[_mics_node_pb2.BufferOfflineRequest, _mics_node_pb2.ForwardAck]  # type: ignore[assignment]
     DrainOffline: _aio.UnaryUnaryMultiCallable[_mics_node_pb2.DrainOfflineRequest, _mics_node_pb2.DrainOfflineResponse]  # type: ignore[assignment]
     PullOffline: _aio.UnaryUnaryMultiCallable[_mics_node_pb2.PullOfflineRequest, _mics_node_pb2.PullOfflineResponse]  # type: ignore[assignment]
+    ForwardMany: _aio.UnaryUnaryMultiCallable[_mics_node_pb2.ForwardManyRequest, _mics_node_pb2.ForwardManyResponse]  # type: ignore[assignment]
 
 class NodeGatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -81,5 +83,12 @@ class NodeGatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _mics_node_pb2.PullOfflineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mics_node_pb2.PullOfflineResponse, _abc.Awaitable[_mics_node_pb2.PullOfflineResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ForwardMany(
+        self,
+        request: _mics_node_pb2.ForwardManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mics_node_pb2.ForwardManyResponse, _abc.Awaitable[_mics_node_pb2.ForwardManyResponse]]: ...
 
 def add_NodeGatewayServicer_to_server(servicer: NodeGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
