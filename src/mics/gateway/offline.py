@@ -196,14 +196,7 @@ class OfflineDelivery:
             notified = await self._notify(build_event())
         buffered = False
         if allow_buffer and (mode is not OfflineMode.NOTIFY_PULL or not notified):
-            if self.home is not None:
-                buffered = await self.home.put(
-                    runtime.tenant_id, recipient, frame, runtime.offline_ttl_s
-                )
-            else:
-                buffered = self.buffer.put(
-                    runtime.tenant_id, recipient, frame, runtime.offline_ttl_s
-                )
+            buffered = await self.hold(runtime, recipient, frame)
         if notified:
             reason = REASON_USER_OFFLINE
         elif buffered:
@@ -213,6 +206,12 @@ class OfflineDelivery:
         else:
             reason = REASON_UNAVAILABLE
         return OfflineResult(notified=notified, buffered=buffered, reason=reason)
+
+    async def hold(self, runtime: TenantRuntime, recipient: str, frame: bytes) -> bool:
+        """Put one frame in the fallback buffer: the user's home node's in a cluster."""
+        if self.home is not None:
+            return await self.home.put(runtime.tenant_id, recipient, frame, runtime.offline_ttl_s)
+        return self.buffer.put(runtime.tenant_id, recipient, frame, runtime.offline_ttl_s)
 
     async def _notify(self, event: hook_pb.MqEvent) -> bool:
         confirmation = self._events.publish_confirmed(event)

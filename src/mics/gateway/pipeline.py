@@ -372,7 +372,6 @@ class MessagePipeline:
         self, session: Session, req: msg_pb.MessageRequest, frame: bytes, offline_members: list[str]
     ) -> tuple[int, int, int]:
         """Notify or buffer a group message's offline members: (notified, buffered, skipped)."""
-        tenant = session.tenant_id
         notified = buffered = skipped = 0
         buffer_room = self._limits.group_offline_buffer_max
         results: list[OfflineResult] = []
@@ -388,16 +387,25 @@ class MessagePipeline:
             )
         else:
             results = [OfflineResult(False, False, "")] * len(offline_members)
+        to_buffer: list[str] = []
         for member, result in zip(offline_members, results, strict=True):
             if result.notified:
                 notified += 1
                 if session.runtime.offline_mode is OfflineMode.NOTIFY_PULL:
                     continue
-            if buffered < buffer_room and self._offline.buffer.put(
-                tenant, member, frame, session.runtime.offline_ttl_s
-            ):
-                buffered += 1
+            if len(to_buffer) < buffer_room:
+                to_buffer.append(member)
             elif not result.notified:
+                skipped += 1
+        # In a cluster each member's buffer is on their home node: the puts overlap.
+        held = await asyncio.gather(
+            *(self._offline.hold(session.runtime, m, frame) for m in to_buffer)
+        )
+        notified_members = {m for m, r in zip(offline_members, results, strict=True) if r.notified}
+        for member, ok in zip(to_buffer, held, strict=True):
+            if ok:
+                buffered += 1
+            elif member not in notified_members:
                 skipped += 1
         return notified, buffered, skipped
 
