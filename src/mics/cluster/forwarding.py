@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc import aio
@@ -44,6 +44,8 @@ from mics.observability.metrics import MetricsRegistry
 from mics.protocol.pb import mics_message_pb2 as msg_pb
 from mics.protocol.pb import mics_node_pb2 as node_pb
 from mics.protocol.pb import mics_node_pb2_grpc as node_grpc
+
+_Reply = TypeVar("_Reply")
 
 log = logging.getLogger("mics.cluster.forwarding")
 
@@ -440,54 +442,60 @@ class NodeClient:
     ) -> bool:
         """BufferOffline on the user's home node; False if it did not take the frame
         (no answer, breaker open, refused): the caller keeps it itself."""
-        breaker = self._breaker(node_id)
-        if not breaker.allow():
-            self._m.buffer_failed.labels(tenant_id, "CIRCUIT_OPEN").inc()
-            return False
         request = node_pb.BufferOfflineRequest(
             tenant_id=tenant_id, to_user_id=user_id, server_frame=frame, ttl_seconds=int(ttl_s)
         )
-        status = grpc.StatusCode.UNKNOWN
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                ack: node_pb.ForwardAck = await self._stub(endpoint).BufferOffline(
-                    request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata
-                )
-            except aio.AioRpcError as exc:
-                status = exc.code()
-                if status in _RETRYABLE_UNAPPLIED and attempt < MAX_ATTEMPTS:
-                    await asyncio.sleep(RETRY_DELAY_S * attempt)
-                    continue
-                break
-            except BaseException:  # cancelled (or a bug): no verdict on the peer
-                breaker.release_probe()
-                raise
-            breaker.record_success()
-            if not ack.ok:
-                reason = "DRAINING" if ack.reason == SERVER_DRAINING else "REFUSED"
-                self._m.buffer_failed.labels(tenant_id, reason).inc()
-            return ack.ok
-        breaker.record_failure()
-        self._m.buffer_failed.labels(tenant_id, status.name).inc()
-        log.warning("offline buffer on %s failed: %s", node_id, status.name)
-        return False
+        stub = self._stub(endpoint)
+        ack = await self._call_unapplied(
+            node_id,
+            tenant_id,
+            "offline buffer",
+            self._m.buffer_failed,
+            lambda: stub.BufferOffline(
+                request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata
+            ),
+        )
+        if ack is None:
+            return False
+        if not ack.ok:
+            reason = "DRAINING" if ack.reason == SERVER_DRAINING else "REFUSED"
+            self._m.buffer_failed.labels(tenant_id, reason).inc()
+        return ack.ok
 
     async def drain_offline(
         self, *, node_id: str, endpoint: str, tenant_id: str, user_id: str
     ) -> list[bytes] | None:
         """DrainOffline on the user's home node: its frames, oldest first; None if it
         could not be asked (its frames, if any, stay there)."""
+        request = node_pb.DrainOfflineRequest(tenant_id=tenant_id, user_id=user_id)
+        stub = self._stub(endpoint)
+        response = await self._call_unapplied(
+            node_id,
+            tenant_id,
+            "offline drain",
+            self._m.drain_failed,
+            lambda: stub.DrainOffline(request, timeout=DRAIN_DEADLINE_S, metadata=self._metadata),
+        )
+        return None if response is None else list(response.server_frames)
+
+    async def _call_unapplied(
+        self,
+        node_id: str,
+        tenant_id: str,
+        what: str,
+        failed: Counter,
+        call: Callable[[], Awaitable[_Reply]],
+    ) -> _Reply | None:
+        """One call that changes the peer's state: behind the peer's breaker, retried
+        only on errors that mean it was not applied; None if it got no answer."""
         breaker = self._breaker(node_id)
         if not breaker.allow():
-            self._m.drain_failed.labels(tenant_id, "CIRCUIT_OPEN").inc()
+            failed.labels(tenant_id, "CIRCUIT_OPEN").inc()
             return None
-        request = node_pb.DrainOfflineRequest(tenant_id=tenant_id, user_id=user_id)
         status = grpc.StatusCode.UNKNOWN
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                response: node_pb.DrainOfflineResponse = await self._stub(endpoint).DrainOffline(
-                    request, timeout=DRAIN_DEADLINE_S, metadata=self._metadata
-                )
+                reply = await call()
             except aio.AioRpcError as exc:
                 status = exc.code()
                 if status in _RETRYABLE_UNAPPLIED and attempt < MAX_ATTEMPTS:
@@ -498,10 +506,10 @@ class NodeClient:
                 breaker.release_probe()
                 raise
             breaker.record_success()
-            return list(response.server_frames)
+            return reply
         breaker.record_failure()
-        self._m.drain_failed.labels(tenant_id, status.name).inc()
-        log.warning("offline drain from %s failed: %s", node_id, status.name)
+        failed.labels(tenant_id, status.name).inc()
+        log.warning("%s on %s failed: %s", what, node_id, status.name)
         return None
 
     # -- nudges ------------------------------------------------------------------------------

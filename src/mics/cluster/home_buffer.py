@@ -97,16 +97,21 @@ class HomeBuffer:
         """Buffer one serialized delivery frame on the user's home node, or here if the
         home does not take it; False if nothing holds it."""
         home = self.remote_home(tenant_id, user_id)
-        if home is not None and await self._client.buffer_offline(
+        if home is not None and await self._put_at(home, tenant_id, user_id, frame, ttl_s):
+            return True
+        return self.local.put(tenant_id, user_id, frame, ttl_s)
+
+    async def _put_at(
+        self, home: LiveNode, tenant_id: str, user_id: str, frame: bytes, ttl_s: float
+    ) -> bool:
+        return await self._client.buffer_offline(
             node_id=home.node_id,
             endpoint=home.endpoint,
             tenant_id=tenant_id,
             user_id=user_id,
             frame=frame,
             ttl_s=ttl_s,
-        ):
-            return True
-        return self.local.put(tenant_id, user_id, frame, ttl_s)
+        )
 
     async def take(self, tenant_id: str, user_id: str) -> Taken:
         """Remove and return the user's frames from the home node and from here."""
@@ -129,14 +134,7 @@ class HomeBuffer:
             return 0
         moved = 0
         for frame in self.local.take(tenant_id, user_id):
-            if await self._client.buffer_offline(
-                node_id=home.node_id,
-                endpoint=home.endpoint,
-                tenant_id=tenant_id,
-                user_id=user_id,
-                frame=frame,
-                ttl_s=ttl_s,
-            ):
+            if await self._put_at(home, tenant_id, user_id, frame, ttl_s):
                 moved += 1
             else:
                 self.local.put(tenant_id, user_id, frame, ttl_s)
