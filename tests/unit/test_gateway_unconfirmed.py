@@ -203,3 +203,27 @@ async def test_requeue_counts_what_nothing_could_hold_as_lost() -> None:
     offline, _ = make_offline(bus, max_bytes_per_user=1)  # and no frame fits the buffer
     result = await offline.requeue(runtime(), "u1", items("aa", "bb"))  # type: ignore[arg-type]
     assert (result.notified, result.buffered, result.lost) == (0, 0, 2)
+
+
+# -- waiting for the broker's confirmation ---------------------------------------------------
+
+
+async def test_a_confirmation_in_time_counts_and_a_late_one_is_left_to_resolve() -> None:
+    from mics.gateway.offline import _confirmed_within
+
+    loop = asyncio.get_running_loop()
+    prompt: asyncio.Future[bool] = loop.create_future()
+    loop.call_soon(prompt.set_result, True)
+    assert await _confirmed_within(prompt, 5.0)
+
+    late: asyncio.Future[bool] = loop.create_future()
+    assert not await _confirmed_within(late, 0.01)
+    assert not late.done(), "the dispatcher still owns the confirmation"
+    late.set_result(True)
+
+    failed: asyncio.Future[bool] = loop.create_future()
+    loop.call_soon(failed.set_exception, RuntimeError("broker gave up"))
+    assert not await _confirmed_within(failed, 5.0)
+    refused: asyncio.Future[bool] = loop.create_future()
+    refused.set_result(False)
+    assert not await _confirmed_within(refused, 5.0)
