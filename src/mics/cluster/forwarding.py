@@ -65,6 +65,9 @@ _RETRYABLE = frozenset(
 )
 # For calls that must not be applied twice: errors that mean "not processed".
 _RETRYABLE_UNAPPLIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# What a node that predates a call answers: alive, just older.
+_OLDER_PEER = frozenset({grpc.StatusCode.UNIMPLEMENTED})
+CIRCUIT_OPEN = "CIRCUIT_OPEN"
 NO_SESSION = "no session"
 BUFFER_FULL = "offline buffer full"
 SERVER_DRAINING = "server draining"
@@ -324,32 +327,17 @@ class NodeClient:
                     batch, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata
                 )
 
-        breaker = self._breaker(node_id)
-        if not breaker.allow():
-            self._m.circuit_open.labels(tenant_id, node_id, via).inc()
-            return ForwardOutcome(failed=True, status="CIRCUIT_OPEN")
         started = time.perf_counter()
-        status = grpc.StatusCode.UNKNOWN
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            self._count_call(rpc)
-            try:
-                ack = await call()
-            except aio.AioRpcError as exc:
-                status = exc.code()
-                if status in _RETRYABLE and attempt < MAX_ATTEMPTS:
-                    await asyncio.sleep(RETRY_DELAY_S * attempt)
-                    continue
-                break
-            except BaseException:  # cancelled (or a bug): no verdict on the peer
-                breaker.release_probe()
-                raise
-            breaker.record_success()
+        ack, status = await self._guarded_call(node_id, call, retryable=_RETRYABLE, rpc=rpc)
+        if ack is not None:
             self._m.duration_of(tenant_id, via).observe((time.perf_counter() - started) * 1000)
             return _outcome(ack, to_user_ids)
-        breaker.record_failure()
-        self._m.failed.labels(tenant_id, via, status.name).inc()
-        log.warning("forward to %s failed: %s", node_id, status.name, extra={"tenant": tenant_id})
-        return ForwardOutcome(failed=True, status=status.name)
+        if status == CIRCUIT_OPEN:
+            self._m.circuit_open.labels(tenant_id, node_id, via).inc()
+        else:
+            self._m.failed.labels(tenant_id, via, status).inc()
+            log.warning("forward to %s failed: %s", node_id, status, extra={"tenant": tenant_id})
+        return ForwardOutcome(failed=True, status=status)
 
     async def _forward_many(self, node_id: str, endpoint: str, forwards: list[_Forward]) -> None:
         """One ForwardMany for ``forwards``; every one of them gets its outcome."""
@@ -378,55 +366,43 @@ class NodeClient:
                 message=forward.message,
             )
         stub = self._stub(endpoint)
-        breaker = self._breaker(node_id)
-        if not breaker.allow():
+        started = time.perf_counter()
+        response, status = await self._guarded_call(
+            node_id,
+            lambda: stub.ForwardMany(request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata),
+            retryable=_RETRYABLE,
+            rpc="ForwardMany",
+            alive_on=_OLDER_PEER,
+        )
+        if response is None:
+            if status == grpc.StatusCode.UNIMPLEMENTED.name:
+                # An older node: alive, it just wants one call per forward.
+                self._old_peers[endpoint] = time.monotonic() + OLD_PEER_RECHECK_S
+                return [None] * len(forwards)
             for forward in forwards:
                 via = _via(forward.to_user_ids)
-                self._m.circuit_open.labels(forward.tenant_id, node_id, via).inc()
-            return [ForwardOutcome(failed=True, status="CIRCUIT_OPEN")] * len(forwards)
-        started = time.perf_counter()
-        status = grpc.StatusCode.UNKNOWN
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            self._count_call("ForwardMany")
-            try:
-                response: node_pb.ForwardManyResponse = await stub.ForwardMany(
-                    request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata
+                if status == CIRCUIT_OPEN:
+                    self._m.circuit_open.labels(forward.tenant_id, node_id, via).inc()
+                else:
+                    self._m.failed.labels(forward.tenant_id, via, status).inc()
+            if status != CIRCUIT_OPEN:
+                log.warning(
+                    "forward of %d messages to %s failed: %s", len(forwards), node_id, status
                 )
-            except aio.AioRpcError as exc:
-                status = exc.code()
-                if status == grpc.StatusCode.UNIMPLEMENTED:
-                    # An older node: alive, it just wants one call per forward.
-                    breaker.record_success()
-                    self._old_peers[endpoint] = time.monotonic() + OLD_PEER_RECHECK_S
-                    return [None] * len(forwards)
-                if status in _RETRYABLE and attempt < MAX_ATTEMPTS:
-                    await asyncio.sleep(RETRY_DELAY_S * attempt)
-                    continue
-                break
-            except BaseException:  # cancelled (or a bug): no verdict on the peer
-                breaker.release_probe()
-                raise
-            breaker.record_success()
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            acks = response.acks
-            outcomes: list[ForwardOutcome | None] = []
-            for index, forward in enumerate(forwards):
-                if index >= len(acks):  # a peer that answered fewer: treat as no answer
-                    self._m.failed.labels(
-                        forward.tenant_id, _via(forward.to_user_ids), "INCOMPLETE"
-                    ).inc()
-                    outcomes.append(ForwardOutcome(failed=True, status="INCOMPLETE"))
-                    continue
-                self._m.duration_of(forward.tenant_id, _via(forward.to_user_ids)).observe(
-                    elapsed_ms
-                )
-                outcomes.append(_outcome(acks[index], forward.to_user_ids))
-            return outcomes
-        breaker.record_failure()
-        for forward in forwards:
-            self._m.failed.labels(forward.tenant_id, _via(forward.to_user_ids), status.name).inc()
-        log.warning("forward of %d messages to %s failed: %s", len(forwards), node_id, status.name)
-        return [ForwardOutcome(failed=True, status=status.name)] * len(forwards)
+            return [ForwardOutcome(failed=True, status=status)] * len(forwards)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        acks = response.acks
+        outcomes: list[ForwardOutcome | None] = []
+        for index, forward in enumerate(forwards):
+            if index >= len(acks):  # a peer that answered fewer: treat as no answer
+                self._m.failed.labels(
+                    forward.tenant_id, _via(forward.to_user_ids), "INCOMPLETE"
+                ).inc()
+                outcomes.append(ForwardOutcome(failed=True, status="INCOMPLETE"))
+                continue
+            self._m.duration_of(forward.tenant_id, _via(forward.to_user_ids)).observe(elapsed_ms)
+            outcomes.append(_outcome(acks[index], forward.to_user_ids))
+        return outcomes
 
     # -- the home node's buffer (protocol.md 7.2) ----------------------------------------------
 
@@ -488,17 +464,44 @@ class NodeClient:
     ) -> _Reply | None:
         """One call that changes the peer's state: behind the peer's breaker, retried
         only on errors that mean it was not applied; None if it got no answer."""
+        reply, status = await self._guarded_call(node_id, call, retryable=_RETRYABLE_UNAPPLIED)
+        if reply is None:
+            failed.labels(tenant_id, status).inc()
+            if status != CIRCUIT_OPEN:
+                log.warning("%s on %s failed: %s", what, node_id, status)
+        return reply
+
+    async def _guarded_call(
+        self,
+        node_id: str,
+        call: Callable[[], Awaitable[_Reply]],
+        *,
+        retryable: frozenset[grpc.StatusCode],
+        rpc: str = "",
+        alive_on: frozenset[grpc.StatusCode] = frozenset(),
+    ) -> tuple[_Reply | None, str]:
+        """Every node call: behind the peer's breaker, retried on ``retryable`` errors.
+
+        Returns (reply, "") when answered, (None, CIRCUIT_OPEN) when the breaker
+        refused, else (None, the last status code's name). A code in ``alive_on`` (an
+        older peer's UNIMPLEMENTED) ends the call at once and counts as a live peer.
+        ``rpc`` names the attempts in mics_node_calls_total.
+        """
         breaker = self._breaker(node_id)
         if not breaker.allow():
-            failed.labels(tenant_id, "CIRCUIT_OPEN").inc()
-            return None
+            return None, CIRCUIT_OPEN
         status = grpc.StatusCode.UNKNOWN
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if rpc:
+                self._count_call(rpc)
             try:
                 reply = await call()
             except aio.AioRpcError as exc:
                 status = exc.code()
-                if status in _RETRYABLE_UNAPPLIED and attempt < MAX_ATTEMPTS:
+                if status in alive_on:
+                    breaker.record_success()
+                    return None, status.name
+                if status in retryable and attempt < MAX_ATTEMPTS:
                     await asyncio.sleep(RETRY_DELAY_S * attempt)
                     continue
                 break
@@ -506,11 +509,9 @@ class NodeClient:
                 breaker.release_probe()
                 raise
             breaker.record_success()
-            return reply
+            return reply, ""
         breaker.record_failure()
-        failed.labels(tenant_id, status.name).inc()
-        log.warning("%s on %s failed: %s", what, node_id, status.name)
-        return None
+        return None, status.name
 
     # -- nudges ------------------------------------------------------------------------------
 
@@ -518,32 +519,17 @@ class NodeClient:
         self, *, node_id: str, endpoint: str, tenant_id: str, user_id: str, trace_id: str
     ) -> int:
         """Ask a peer to re-pull for its connections of the user; 0 on any failure."""
-        breaker = self._breaker(node_id)
-        if not breaker.allow():
-            return 0
         request = node_pb.PullOfflineRequest(
             tenant_id=tenant_id, user_id=user_id, trace_id=trace_id
         )
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                response: node_pb.PullOfflineResponse = await self._stub(endpoint).PullOffline(
-                    request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata
-                )
-            except aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    breaker.record_success()  # a v1 node: alive, just older
-                    return 0
-                if exc.code() in _RETRYABLE and attempt < MAX_ATTEMPTS:
-                    await asyncio.sleep(RETRY_DELAY_S * attempt)
-                    continue
-                breaker.record_failure()
-                return 0
-            except BaseException:  # cancelled (or a bug): no verdict on the peer
-                breaker.release_probe()
-                raise
-            breaker.record_success()
-            return response.connections
-        return 0
+        stub = self._stub(endpoint)
+        response, _ = await self._guarded_call(
+            node_id,
+            lambda: stub.PullOffline(request, timeout=ATTEMPT_DEADLINE_S, metadata=self._metadata),
+            retryable=_RETRYABLE,
+            alive_on=_OLDER_PEER,  # a v1 node: alive, just older
+        )
+        return 0 if response is None else response.connections
 
     def breaker_state(self, node_id: str) -> str:
         return self._breaker(node_id).state
