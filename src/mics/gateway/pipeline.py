@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import Counter
 
@@ -35,6 +37,8 @@ from mics.protocol.pb import mics_hook_pb2 as hook_pb
 from mics.protocol.pb import mics_message_pb2 as msg_pb
 
 log = logging.getLogger("mics.gateway.pipeline")
+
+_T = TypeVar("_T")
 
 SENT = msg_pb.SENT
 FAILED = msg_pb.FAILED
@@ -251,18 +255,12 @@ class MessagePipeline:
         if not offline:
             reason = ""
         else:
-            recipients = (req.to_user_id,)
-            before, turn = session.enter_offline_order(recipients)
-            if mine is not None:
-                # Hand the connection's turn on: later messages to other users need not
-                # wait for the broker's confirmation of this one (protocol.md 9.9).
-                session.leave_order(mine)
-            try:
-                if before:
-                    await asyncio.wait(before)
-                result = await self._offline_store(session, req, req.to_user_id, frame)
-            finally:
-                session.leave_offline_order(recipients, turn)
+            result = await self._in_offline_order(
+                session,
+                (req.to_user_id,),
+                mine,
+                lambda: self._offline_store(session, req, req.to_user_id, frame),
+            )
             if result.notified:
                 self._m.offline_notified.labels(session.tenant_id).inc()
             if result.buffered:
@@ -336,17 +334,12 @@ class MessagePipeline:
                 self._m.group_fanout_nodes.labels(tenant).inc(reach.nodes)
         notified = buffered = skipped = 0
         if offline_members:
-            before, turn = session.enter_offline_order(offline_members)
-            if mine is not None:
-                session.leave_order(mine)  # as in _single: the broker is not in the turn
-            try:
-                if before:
-                    await asyncio.wait(before)
-                notified, buffered, skipped = await self._group_offline(
-                    session, req, frame, offline_members
-                )
-            finally:
-                session.leave_offline_order(offline_members, turn)
+            notified, buffered, skipped = await self._in_offline_order(
+                session,
+                offline_members,
+                mine,
+                lambda: self._group_offline(session, req, frame, offline_members),
+            )
         m = self._m
         if notified:
             m.group_offline_notified.labels(tenant).inc(notified)
@@ -368,13 +361,34 @@ class MessagePipeline:
         ack.offline_skipped_users = skipped
         return reply
 
+    @staticmethod
+    async def _in_offline_order(
+        session: Session,
+        recipients: Sequence[str],
+        mine: asyncio.Future[None] | None,
+        work: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """Run ``work`` (the offline path of a message to ``recipients``) after the
+        connection's earlier offline messages to any of them. The connection's turn is
+        handed on first: later messages to other users need not wait for the broker's
+        confirmation of this one (protocol.md 9.9)."""
+        before, turn = session.enter_offline_order(recipients)
+        if mine is not None:
+            session.leave_order(mine)
+        try:
+            if before:
+                await asyncio.wait(before)
+            return await work()
+        finally:
+            session.leave_offline_order(recipients, turn)
+
     async def _group_offline(
         self, session: Session, req: msg_pb.MessageRequest, frame: bytes, offline_members: list[str]
     ) -> tuple[int, int, int]:
         """Notify or buffer a group message's offline members: (notified, buffered, skipped)."""
         notified = buffered = skipped = 0
         buffer_room = self._limits.group_offline_buffer_max
-        results: list[OfflineResult] = []
+        results: list[OfflineResult]
         if self._events.enabled and (session.runtime.offline_mode is not OfflineMode.LEGACY):
             # Broker confirmations overlap instead of queuing one behind another.
             results = list(
@@ -387,25 +401,24 @@ class MessagePipeline:
             )
         else:
             results = [OfflineResult(False, False, "")] * len(offline_members)
-        to_buffer: list[str] = []
+        to_buffer: list[tuple[str, bool]] = []  # (member, notified)
         for member, result in zip(offline_members, results, strict=True):
             if result.notified:
                 notified += 1
                 if session.runtime.offline_mode is OfflineMode.NOTIFY_PULL:
                     continue
             if len(to_buffer) < buffer_room:
-                to_buffer.append(member)
+                to_buffer.append((member, result.notified))
             elif not result.notified:
                 skipped += 1
         # In a cluster each member's buffer is on their home node: the puts overlap.
         held = await asyncio.gather(
-            *(self._offline.hold(session.runtime, m, frame) for m in to_buffer)
+            *(self._offline.hold(session.runtime, m, frame) for m, _ in to_buffer)
         )
-        notified_members = {m for m, r in zip(offline_members, results, strict=True) if r.notified}
-        for member, ok in zip(to_buffer, held, strict=True):
+        for (_, was_notified), ok in zip(to_buffer, held, strict=True):
             if ok:
                 buffered += 1
-            elif member not in notified_members:
+            elif not was_notified:
                 skipped += 1
         return notified, buffered, skipped
 
