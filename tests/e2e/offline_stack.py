@@ -247,8 +247,9 @@ class OfflineStack:
 
     async def wait_producer_ready(self, within_s: float = 30.0) -> None:
         """Wait until the broker confirmed a CONNECT_ONLINE (connect someone first): the
-        gateway's producer has its metadata and the next OFFLINE_MESSAGE is confirmed
-        in milliseconds."""
+        gateway's producer has its metadata. OFFLINE_MESSAGE events go through a second
+        producer, which this does not warm; the stacks' 2 s OFFLINE_NOTIFY_WAIT_MS
+        covers its first producer id."""
         await wait_until(
             lambda: (
                 self.gw_metric(

@@ -132,7 +132,10 @@ async def test_offline_messages_are_keyed_by_recipient_and_acked_user_offline(
     make_stack: StackFactory, kafka_broker: KafkaBroker
 ) -> None:
     tenant = unique_tenant()
-    stack = await kafka_stack(make_stack, kafka_broker, tenant)
+    # OFFLINE_MESSAGE events have a producer of their own (KAFKA_OFFLINE_LINGER_MS),
+    # which the warm-up below does not warm: on a fresh broker its producer id can take
+    # longer than the default 200 ms, and the ack would rightly fall back to the buffer.
+    stack = await kafka_stack(make_stack, kafka_broker, tenant, offline_notify_wait_ms=2000)
     alice = await connect(stack, tenant, "u1")
     # A broker fresh from its first start needs a moment before the first produce is
     # confirmed; wait until it confirmed alice's CONNECT_ONLINE.
