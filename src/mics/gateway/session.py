@@ -146,13 +146,12 @@ class Session:
         if self._held is not None:
             self._held.append((msg_id, frame))
         else:
-            self.send(frame)
-            if self._ledger_limits is not None:
-                self._track(msg_id, frame, Kind.LIVE)
+            self.send_tracked(frame, msg_id, Kind.LIVE)
         return True
 
     def send_tracked(self, frame: bytes, msg_id: str, kind: Kind) -> None:
-        """Send a delivery that exists only in this gateway; kept until confirmed."""
+        """Send a delivery that exists only in this gateway; on a v1.1 connection it is
+        kept in the ledger until a receipt confirms it."""
         if self.closed:
             return
         self.send(frame)
@@ -175,11 +174,8 @@ class Session:
         """End the hold: queue the live deliveries that arrived during the drain."""
         held, self._held = self._held, None
         if held:
-            tracked = self._ledger_limits is not None
             for msg_id, frame in held:
-                self.send(frame)
-                if tracked:
-                    self._track(msg_id, frame, Kind.LIVE)
+                self.send_tracked(frame, msg_id, Kind.LIVE)
 
     def take_undelivered(self) -> list[tuple[str, bytes]]:
         """Deliveries this connection never confirmed, oldest first: the written ones
