@@ -261,12 +261,7 @@ class OfflineDelivery:
         result = RequeueResult()
         for index, buffered in enumerate(held):
             confirmation = confirmations[index] if confirmations else None
-            if (
-                confirmation is not None
-                and confirmation.done()
-                and not confirmation.cancelled()
-                and confirmation.result()
-            ):
+            if confirmation is not None and confirmation.done() and _verdict(confirmation):
                 result.notified += 1
             elif buffered:
                 result.buffered += 1
