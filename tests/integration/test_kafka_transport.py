@@ -1,8 +1,9 @@
-"""The Kafka transport on a real broker: delivery reports, flush, close, its thread.
+"""The Kafka transport on a real broker: delivery reports, flush, close.
 
-Reports are served by a thread of the transport's own; what the rest of the gateway
-relies on is that each `on_done` runs exactly once, on the event loop's thread, and
-that closing a transport leaves no thread behind.
+Reports reach the loop one of two ways (`fd`: librdkafka wakes the loop through a pipe;
+`thread`: a report thread), and every test here runs in both. What the rest of the
+gateway relies on is that each `on_done` runs exactly once, on the event loop's thread,
+and that closing a transport leaves no thread and no file descriptor behind.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 import threading
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from mics.events import rdkafka_wakeup
 from mics.events.config import KafkaSettings
 from mics.events.dispatcher import EventDispatcher
 from mics.events.kafka import KafkaDeliveryError, KafkaTransport
@@ -26,6 +29,7 @@ from mics.gateway.config import GatewaySettings
 from mics.gateway.wiring import build_event_bus
 from mics.observability.metrics import MetricsRegistry
 from tests.support.kafka import KafkaBroker
+from tests.support.waiting import wait_until
 
 
 def _topic() -> str:
@@ -36,9 +40,26 @@ def _report_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("kafka-reports-")]
 
 
-async def test_every_report_runs_once_on_the_loop_thread(kafka_broker: KafkaBroker) -> None:
-    transport = KafkaTransport(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap))
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=["fd", "thread"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _started(settings: KafkaSettings, mode: str) -> KafkaTransport:
+    transport = KafkaTransport(replace(settings, report_wakeup=mode))
     await transport.start()
+    assert transport.report_mode == mode
+    return transport
+
+
+async def test_every_report_runs_once_on_the_loop_thread(
+    kafka_broker: KafkaBroker, mode: str
+) -> None:
+    transport = await _started(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap), mode)
     loop_thread = threading.get_ident()
     calls: Counter[int] = Counter()
     threads: set[int] = set()
@@ -70,7 +91,7 @@ async def test_every_report_runs_once_on_the_loop_thread(kafka_broker: KafkaBrok
     assert len(calls) == count
 
 
-async def test_failed_produces_report_their_errors(kafka_broker: KafkaBroker) -> None:
+async def test_failed_produces_report_their_errors(kafka_broker: KafkaBroker, mode: str) -> None:
     topic = _topic()
     admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
     futures = admin.create_topics(
@@ -80,8 +101,7 @@ async def test_failed_produces_report_their_errors(kafka_broker: KafkaBroker) ->
     settings = KafkaSettings(
         bootstrap_servers=kafka_broker.bootstrap, extra={"message.max.bytes": "20000"}
     )
-    transport = KafkaTransport(settings)
-    await transport.start()
+    transport = await _started(settings, mode)
     loop = asyncio.get_running_loop()
     refused_by_broker = loop.create_future()
     refused_at_once = loop.create_future()
@@ -97,10 +117,9 @@ async def test_failed_produces_report_their_errors(kafka_broker: KafkaBroker) ->
 
 
 async def test_a_raising_callback_does_not_stop_the_others(
-    kafka_broker: KafkaBroker, caplog: pytest.LogCaptureFixture
+    kafka_broker: KafkaBroker, caplog: pytest.LogCaptureFixture, mode: str
 ) -> None:
-    transport = KafkaTransport(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap))
-    await transport.start()
+    transport = await _started(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap), mode)
     seen: list[int] = []
     last = asyncio.get_running_loop().create_future()
 
@@ -115,7 +134,7 @@ async def test_a_raising_callback_does_not_stop_the_others(
         await asyncio.sleep(0)
         transport.produce(topic, b"k", b"2", lambda _: last.set_result(None))
         await asyncio.wait_for(last, 30)
-        # The thread is still serving: another round trip works.
+        # Reports are still served: another round trip works.
         again = asyncio.get_running_loop().create_future()
         transport.produce(topic, b"k", b"3", again.set_result)
         assert await asyncio.wait_for(again, 30) is None
@@ -125,16 +144,17 @@ async def test_a_raising_callback_does_not_stop_the_others(
     assert "Kafka delivery callback failed" in caplog.text
 
 
-async def test_starting_and_closing_many_transports_leaves_no_thread(
-    kafka_broker: KafkaBroker,
+async def test_starting_and_closing_many_transports_leaves_nothing_behind(
+    kafka_broker: KafkaBroker, mode: str
 ) -> None:
-    before = len(_report_threads())
+    threads_before, fds_before = len(_report_threads()), _open_fds()
+    transport: KafkaTransport | None = None
     for round_ in range(10):
-        transport = KafkaTransport(
-            KafkaSettings(bootstrap_servers=kafka_broker.bootstrap, client_id=f"leak{round_}")
+        settings = KafkaSettings(
+            bootstrap_servers=kafka_broker.bootstrap, client_id=f"leak{round_}"
         )
-        await transport.start()
-        assert len(_report_threads()) == before + 1
+        transport = await _started(settings, mode)
+        assert len(_report_threads()) == threads_before + (mode == "thread")
         if round_ % 2:  # half of them close with nothing outstanding, half right after
             confirmed = asyncio.get_running_loop().create_future()
             transport.produce(_topic(), b"k", b"v", confirmed.set_result)
@@ -142,23 +162,47 @@ async def test_starting_and_closing_many_transports_leaves_no_thread(
         else:
             transport.produce(_topic(), b"k", b"v", lambda _: None)
         await transport.close()
-        assert len(_report_threads()) == before
+        assert transport.report_mode == ""
+        assert len(_report_threads()) == threads_before
+    # librdkafka closes its broker sockets on its own threads, a moment after close().
+    await wait_until(lambda: _open_fds() <= fds_before, 10, "the transports' descriptors closed")
     # close() twice, and close() of a transport never started, are harmless.
+    assert transport is not None
     await transport.close()
     await KafkaTransport(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap)).close()
 
 
-async def test_flush_and_close_with_the_broker_unreachable() -> None:
+async def test_flush_and_close_with_the_broker_unreachable(mode: str) -> None:
     # Nothing listens there: the message stays outstanding, flush gives up after its
-    # timeout and says so, close still stops the thread.
+    # timeout and says so, close still stops serving reports.
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:9", message_timeout_ms=60_000)
-    transport = KafkaTransport(settings)
     before = len(_report_threads())
-    await transport.start()
+    transport = await _started(settings, mode)
     transport.produce(_topic(), b"k", b"v", lambda _: None)
     assert await transport.flush(0.2) == 1
     await transport.close()
     assert len(_report_threads()) == before
+    assert transport.report_mode == ""
+
+
+async def test_without_the_pipe_reports_come_from_a_thread(
+    kafka_broker: KafkaBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A confluent-kafka whose handle cannot be verified (here: librdkafka's functions
+    # cannot be found) still delivers every report, from a thread, and says so.
+    monkeypatch.setattr(rdkafka_wakeup, "_load_api", lambda: None)
+    transport = KafkaTransport(KafkaSettings(bootstrap_servers=kafka_broker.bootstrap))
+    await transport.start()
+    try:
+        assert transport.report_mode == "thread"
+        confirmed = asyncio.get_running_loop().create_future()
+        transport.produce(_topic(), b"k", b"v", confirmed.set_result)
+        assert await asyncio.wait_for(confirmed, 30) is None
+    finally:
+        await transport.close()
+    assert "serving them from a thread" in caplog.text
 
 
 def test_an_offline_linger_gives_confirmed_events_a_producer_of_their_own() -> None:

@@ -64,6 +64,9 @@ class KafkaSettings:
     # librdkafka gives up on a message after this long; the dispatcher then retries.
     message_timeout_ms: int = 30_000
     provision_topics: bool = False
+    # How delivery reports reach the event loop: "fd" (librdkafka wakes the loop
+    # through a pipe; falls back to "thread" where that cannot be set up) or "thread".
+    report_wakeup: str = "fd"
     topics: TopicSettings = field(default_factory=TopicSettings)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -71,6 +74,10 @@ class KafkaSettings:
         parse_bootstrap(self.bootstrap_servers)
         if self.compression_type not in ("none", "gzip", "snappy", "lz4", "zstd"):
             raise EventConfigError(f"unknown compression type {self.compression_type!r}")
+        if self.report_wakeup not in ("fd", "thread"):
+            raise EventConfigError(
+                f"unknown report wakeup {self.report_wakeup!r} (want 'fd' or 'thread')"
+            )
 
     def producer_config(self) -> dict[str, str | int | bool]:
         conf: dict[str, str | int | bool] = {

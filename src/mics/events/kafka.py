@@ -1,13 +1,17 @@
 """Kafka transport over confluent-kafka (librdkafka).
 
 Produces are asynchronous: `produce` hands the message to librdkafka's buffer and
-returns. Delivery reports are served by a dedicated thread blocked in
-`producer.poll(timeout)`: it wakes as soon as librdkafka has a report, collects all
-those ready in one batch and hands the batch to the event loop with one
-`call_soon_threadsafe`, so the callbacks (`on_done`) still run on the loop thread, and
-a confirmation waits neither for a poll interval nor for the loop to come round. With
-nothing outstanding the thread sleeps on an event instead of polling. The producer is
-idempotent with acks=all.
+returns. Delivery reports run their callbacks (`on_done`) on the event loop's thread,
+as soon as librdkafka has them, in one of two ways:
+
+- `fd` (the default): librdkafka writes to a pipe the loop watches, and the loop polls
+  the producer itself (`mics.events.rdkafka_wakeup`). No thread, no GIL hand-over.
+- `thread` (the fallback, when the pipe cannot be set up, or when asked for): a
+  dedicated thread blocked in `producer.poll(timeout)` collects the reports ready in
+  one batch and hands them to the loop with one `call_soon_threadsafe`. With nothing
+  outstanding it sleeps on an event instead of polling.
+
+The producer is idempotent with acks=all.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from mics.events.config import EventConfigError, KafkaSettings, TopicSettings
+from mics.events.rdkafka_wakeup import ReportWakeup
 from mics.events.transport import DoneCallback, TransportFull
 
 log = logging.getLogger("mics.events.kafka")
@@ -33,6 +38,9 @@ _POLL_TIMEOUT_S = 0.1
 # With nothing outstanding it sleeps on an event, waking this often to serve
 # librdkafka's log lines.
 _IDLE_WAIT_S = 1.0
+# In fd mode, the loop also polls this often while reports are outstanding: a safety
+# net that never matters while librdkafka's wake-ups arrive, and serves its log lines.
+_FD_SAFETY_POLL_S = 1.0
 
 _Report = tuple[DoneCallback, Exception | None]
 
@@ -53,13 +61,23 @@ class KafkaTransport:
         self._outstanding = 0
         self._drained = asyncio.Event()
         self._drained.set()
-        # The report thread: _pending collects the reports of one poll (that thread
-        # only, or the loop thread once the thread has stopped); _wake ends its idle
-        # wait; _stopping ends it.
+        # _pending collects the reports of one poll (on the report thread in thread
+        # mode until it stops, else on the loop thread). The report thread: _wake ends
+        # its idle wait; _stopping ends it.
         self._thread: threading.Thread | None = None
         self._pending: list[_Report] = []
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        # fd mode: the pipe librdkafka wakes the loop through, and the safety poll.
+        self._wakeup: ReportWakeup | None = None
+        self._safety_poll: asyncio.TimerHandle | None = None
+
+    @property
+    def report_mode(self) -> str:
+        """How delivery reports reach the loop: "fd", "thread", or "" before start()."""
+        if self._wakeup is not None:
+            return "fd"
+        return "thread" if self._thread is not None else ""
 
     async def start(self) -> None:
         config: dict[str, object] = dict(self._settings.producer_config())
@@ -71,14 +89,20 @@ class KafkaTransport:
         loop = asyncio.get_running_loop()
         self._producer = producer
         self._loop = loop
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._serve_reports,
-            args=(producer, loop),
-            name=f"kafka-reports-{self._settings.client_id}",
-            daemon=True,
-        )
-        self._thread.start()
+        if self._settings.report_wakeup == "fd":
+            self._wakeup = ReportWakeup.attach(
+                producer, self._settings.client_id, loop, self._poll_on_loop
+            )
+            if self._wakeup is None:
+                log.warning(
+                    "Kafka delivery reports cannot wake the loop through a pipe with this "
+                    "confluent-kafka; serving them from a thread",
+                    extra={"client_id": self._settings.client_id},
+                )
+        if self._wakeup is None:
+            self._start_thread(producer, loop)
+        else:
+            self._safety_poll = loop.call_later(_FD_SAFETY_POLL_S, self._safety_tick)
         # Connect before serving, so the first event does not pay for it. A broker that
         # is down now is not fatal: events queue and flow once it is back.
         try:
@@ -93,7 +117,7 @@ class KafkaTransport:
         assert producer is not None, "start() first"
 
         def report(error: KafkaError | None, _: Message) -> None:
-            # Runs inside producer.poll(), on the report thread.
+            # Runs inside producer.poll(): on the loop (fd mode) or the report thread.
             self._pending.append((on_done, None if error is None else KafkaDeliveryError(error)))
 
         try:
@@ -106,10 +130,50 @@ class KafkaTransport:
             return
         self._outstanding += 1
         self._drained.clear()
-        if not self._wake.is_set():
+        if self._thread is not None and not self._wake.is_set():
             self._wake.set()
 
-    # -- the report thread ------------------------------------------------------------------
+    # -- fd mode: the loop polls --------------------------------------------------------------
+
+    def _poll_on_loop(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        try:
+            producer.poll(0)  # runs the reports' callbacks here, on the loop thread
+        except Exception:  # a failing callback must not stop the others being served
+            log.exception("Kafka delivery report poll failed")
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._run_reports(batch)
+
+    def _safety_tick(self) -> None:
+        self._safety_poll = None
+        if self._producer is None or self._loop is None:
+            return
+        if self._outstanding or len(self._producer):
+            self._poll_on_loop()
+        self._safety_poll = self._loop.call_later(_FD_SAFETY_POLL_S, self._safety_tick)
+
+    def _stop_wakeup(self) -> None:
+        if self._safety_poll is not None:
+            self._safety_poll.cancel()
+            self._safety_poll = None
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.close()
+
+    # -- thread mode -------------------------------------------------------------------------
+
+    def _start_thread(self, producer: Producer, loop: asyncio.AbstractEventLoop) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._serve_reports,
+            args=(producer, loop),
+            name=f"kafka-reports-{self._settings.client_id}",
+            daemon=True,
+        )
+        self._thread.start()
 
     def _serve_reports(self, producer: Producer, loop: asyncio.AbstractEventLoop) -> None:
         stopping = self._stopping
@@ -171,11 +235,12 @@ class KafkaTransport:
         return self._outstanding
 
     async def close(self) -> None:
+        self._stop_wakeup()
         await self._stop_thread()
         producer, self._producer = self._producer, None
         if producer is not None:
-            # Reports that arrived since the thread's last poll (the dispatcher has
-            # given up on them by now, but their callbacks must still run once).
+            # Reports that arrived since the last poll (the dispatcher has given up on
+            # them by now, but their callbacks must still run once).
             producer.poll(0)
             if self._pending:
                 batch, self._pending = self._pending, []

@@ -77,6 +77,10 @@ class GatewaySettings(BaseSettings):
     # (docs/benchmarks.md), but a loaded gateway sends fewer, fuller produce requests.
     kafka_offline_linger_ms: int = 1
     kafka_compression_type: str = "lz4"
+    # "fd": librdkafka wakes the event loop through a pipe when delivery reports are
+    # ready (falls back to "thread" where that cannot be set up); "thread": a thread
+    # of the producer's own waits for them.
+    kafka_report_wakeup: str = "fd"
     kafka_message_timeout_ms: int = 30_000
     kafka_provision_topics: bool = False
     kafka_topic_partitions: int = 32

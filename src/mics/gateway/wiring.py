@@ -28,6 +28,7 @@ def kafka_settings(settings: GatewaySettings) -> KafkaSettings:
         client_id=settings.node_id,
         linger_ms=settings.kafka_linger_ms,
         compression_type=settings.kafka_compression_type,
+        report_wakeup=settings.kafka_report_wakeup,
         message_timeout_ms=settings.kafka_message_timeout_ms,
         provision_topics=settings.kafka_provision_topics,
         topics=TopicSettings(
