@@ -12,7 +12,8 @@
 - `publish_confirmed` returns a future that resolves True once the transport has
   durably accepted the event on the event topic, False once it has given up on it. The
   event is handed to the transport at once when nothing of its tenant is queued ahead
-  of it (someone is waiting), else in its turn.
+  of it (someone is waiting), else in its turn. The future is the caller's: one that
+  stops waiting may resolve or cancel it, and the event still goes out.
 - `stop` flushes what is queued within a time bound.
 
 Ordering: one tenant's events leave its queue in order; a retried event goes back to
@@ -33,6 +34,8 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+
+from prometheus_client import Counter
 
 from mics.events.bus import dlq_topic_for, partition_key, topic_for
 from mics.events.config import DispatcherConfig
@@ -76,6 +79,28 @@ class EventMetrics:
         self.dropped = r.counter("mics_mq_dropped", "Events dropped", ("tenant", "reason"))
 
 
+class _TenantChildren:
+    """The per-event metric children of one tenant, bound once: labels() takes a lock
+    and builds a key on every call, several times per event otherwise."""
+
+    __slots__ = ("_m", "_published", "_tenant", "depth")
+
+    def __init__(self, m: EventMetrics, tenant: str) -> None:
+        self._m = m
+        self._tenant = tenant
+        self.depth = m.queue_depth.labels(tenant)
+        self._published: dict[tuple[str, str], Counter] = {}
+
+    def published(self, topic_label: str, event_type: str) -> Counter:
+        key = (topic_label, event_type)
+        child = self._published.get(key)
+        if child is None:
+            child = self._published[key] = self._m.published.labels(
+                self._tenant, topic_label, event_type
+            )
+        return child
+
+
 @dataclass(slots=True)
 class _Item:
     tenant: str
@@ -111,6 +136,8 @@ class EventDispatcher:
         self._config = config
         self._m = EventMetrics(metrics)
         self._tenants: dict[str, _TenantQueue] = {}
+        # Kept while the process lives, like the metric children they point to.
+        self._children: dict[str, _TenantChildren] = {}
         self._queued = 0  # items in tenant queues (not yet produced)
         self._inflight = 0
         self._retry_waiting = 0
@@ -189,7 +216,7 @@ class EventDispatcher:
         )
         queue.items.append(item)
         self._queued += 1
-        self._m.queue_depth.labels(tenant).inc()
+        self._children_of(tenant).depth.inc()
         if (
             confirm is not None
             and len(queue.items) == 1
@@ -289,7 +316,7 @@ class EventDispatcher:
         self._inflight -= 1
         topic_label = "dlq" if item.dead_letter else "event"
         if error is None:
-            self._m.published.labels(item.tenant, topic_label, item.event_type).inc()
+            self._children_of(item.tenant).published(topic_label, item.event_type).inc()
             self._finish(item, delivered=not item.dead_letter)
         else:
             self._m.failed.labels(item.tenant, topic_label, item.event_type).inc()
@@ -343,8 +370,14 @@ class EventDispatcher:
 
         asyncio.get_running_loop().call_later(delay_s, requeue)
 
+    def _children_of(self, tenant: str) -> _TenantChildren:
+        children = self._children.get(tenant)
+        if children is None:
+            children = self._children[tenant] = _TenantChildren(self._m, tenant)
+        return children
+
     def _finish(self, item: _Item, *, delivered: bool) -> None:
-        self._m.queue_depth.labels(item.tenant).dec()
+        self._children_of(item.tenant).depth.dec()
         self._resolve(item, delivered)
 
     @staticmethod

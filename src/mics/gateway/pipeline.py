@@ -64,7 +64,7 @@ class PipelineLimits:
 class _TenantCounters:
     """The per-message metric children of one tenant, bound once."""
 
-    __slots__ = ("_in", "deliveries_local")
+    __slots__ = ("_in", "deliveries_local", "offline_notified")
 
     def __init__(self, metrics: GatewayMetrics, tenant_id: str) -> None:
         self._in: dict[int, Counter] = {
@@ -73,6 +73,7 @@ class _TenantCounters:
         }
         self._in[-1] = metrics.messages_in.labels(tenant_id, "Unknown")
         self.deliveries_local = metrics.deliveries.labels(tenant_id, "local")
+        self.offline_notified = metrics.offline_notified.labels(tenant_id)
 
     def messages_in(self, msg_type: int) -> Counter:
         return self._in.get(msg_type) or self._in[-1]
@@ -262,7 +263,7 @@ class MessagePipeline:
                 lambda: self._offline_store(session, req, req.to_user_id, frame),
             )
             if result.notified:
-                self._m.offline_notified.labels(session.tenant_id).inc()
+                self._counters(session.tenant_id).offline_notified.inc()
             if result.buffered:
                 self._m.offline_buffered.labels(session.tenant_id, "local").inc()
             if not result.held:
