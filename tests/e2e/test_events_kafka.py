@@ -165,6 +165,9 @@ async def test_offline_messages_are_keyed_by_recipient_and_acked_user_offline(
     assert sorted(e.to_user_id for _, e in offline if e.msg_id == "grp-1") == ["u2", "u3"]
     assert all(k == e.to_user_id.encode() for k, e in offline)
     assert stack.gateway.gateway.buffer.pending(tenant, "u2") == 0, "the gateway keeps nothing"
+    # Each of the 7 offline acks waited for its confirmation, and the wait is measured.
+    assert stack.metric("mics_offline_notify_wait_ms_count") == 7
+    assert 0 < stack.metric("mics_offline_notify_wait_ms_sum") < 7 * 2000
 
 
 async def test_broker_down_queues_events_and_delivers_all_after_restart(

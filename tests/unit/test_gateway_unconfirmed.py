@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from mics.gateway.metrics import GatewayMetrics
 from mics.gateway.offline import LegacyBuffer, OfflineDelivery
 from mics.gateway.session import Session
@@ -208,7 +210,7 @@ async def test_requeue_counts_what_nothing_could_hold_as_lost() -> None:
 # -- waiting for the broker's confirmation ---------------------------------------------------
 
 
-async def test_a_confirmation_in_time_counts_and_a_late_one_is_left_to_resolve() -> None:
+async def test_a_confirmation_in_time_counts_and_a_late_one_is_given_up_on() -> None:
     from mics.gateway.offline import _confirmed_within
 
     loop = asyncio.get_running_loop()
@@ -218,8 +220,10 @@ async def test_a_confirmation_in_time_counts_and_a_late_one_is_left_to_resolve()
 
     late: asyncio.Future[bool] = loop.create_future()
     assert not await _confirmed_within(late, 0.01)
-    assert not late.done(), "the dispatcher still owns the confirmation"
-    late.set_result(True)
+    # Given up on: resolved False by the waiter, so the dispatcher's late report (which
+    # resolves only futures not yet done) changes nothing.
+    assert late.done()
+    assert late.result() is False
 
     failed: asyncio.Future[bool] = loop.create_future()
     loop.call_soon(failed.set_exception, RuntimeError("broker gave up"))
@@ -227,3 +231,18 @@ async def test_a_confirmation_in_time_counts_and_a_late_one_is_left_to_resolve()
     refused: asyncio.Future[bool] = loop.create_future()
     refused.set_result(False)
     assert not await _confirmed_within(refused, 5.0)
+    dropped: asyncio.Future[bool] = loop.create_future()
+    loop.call_soon(dropped.cancel)  # by someone else: a False verdict, not a cancellation
+    assert not await _confirmed_within(dropped, 5.0)
+
+
+async def test_a_cancelled_waiter_stops_waiting_and_stays_cancelled() -> None:
+    from mics.gateway.offline import _confirmed_within
+
+    confirmation: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    waiter = asyncio.ensure_future(_confirmed_within(confirmation, 5.0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert confirmation.cancelled()  # nobody waits on it any more

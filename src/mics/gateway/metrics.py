@@ -65,6 +65,14 @@ class GatewayMetrics:
         self.offline_notified = r.counter(
             "mics_offline_notified", "Single-chat OFFLINE_MESSAGE events enqueued", ("tenant",)
         )
+        # Sub-millisecond buckets: a healthy broker confirms in about one linger.ms plus
+        # a round trip; the top ones show acks nearing OFFLINE_NOTIFY_WAIT_MS.
+        self.offline_notify_wait = r.histogram_ms(
+            "mics_offline_notify_wait_ms",
+            "How long the sender's ack waited for the broker to confirm an OFFLINE_MESSAGE "
+            "(all tenants: they share the producer)",
+            buckets=(0.5, 1, 1.5, 2, 3, 5, 10, 25, 50, 100, 200, 500, 1000),
+        )
         self.offline_buffered = r.counter(
             "mics_offline_buffered", "Messages put in the in-memory buffer", ("tenant", "via")
         )

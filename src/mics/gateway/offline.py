@@ -217,7 +217,10 @@ class OfflineDelivery:
         confirmation = self._events.publish_confirmed(event)
         if confirmation is None:
             return False
-        return await _confirmed_within(confirmation, self._notify_wait_s)
+        started = time.perf_counter()
+        confirmed = await _confirmed_within(confirmation, self._notify_wait_s)
+        self._metrics.offline_notify_wait.observe((time.perf_counter() - started) * 1000)
+        return confirmed
 
     def requeue(
         self,
@@ -271,29 +274,32 @@ class OfflineDelivery:
 
 
 async def _confirmed_within(confirmation: asyncio.Future[bool], wait_s: float) -> bool:
-    """True if ``confirmation`` resolves True within ``wait_s``; never cancels it (the
-    dispatcher still resolves it later). One loop turn fewer than wait_for(shield()):
-    this is on every offline ack's path."""
-    if confirmation.done():
-        return _verdict(confirmation)
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[bool] = loop.create_future()
+    """True if ``confirmation`` resolves True within ``wait_s``.
 
-    def settle(done: asyncio.Future[bool]) -> None:
-        if not waiter.done():
-            waiter.set_result(_verdict(done))
+    This is on every offline ack's path, so the task waits on the confirmation itself:
+    it runs again in the loop turn after the broker's report, the soonest it can (a
+    separate waiter, as in wait_for, costs a turn more). Past the bound the
+    confirmation is resolved False here: it is this waiter's alone, and the dispatcher
+    resolves only the ones not yet done.
+    """
+    if not confirmation.done():
+        timer = asyncio.get_running_loop().call_later(wait_s, _give_up, confirmation)
+        try:
+            await confirmation
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task was cancelled, not just its confirmation
+        except Exception:
+            pass  # a failed confirmation: the verdict below says False
+        finally:
+            timer.cancel()
+    return _verdict(confirmation)
 
-    def expire() -> None:
-        if not waiter.done():
-            waiter.set_result(False)
 
-    confirmation.add_done_callback(settle)
-    timer = loop.call_later(wait_s, expire)
-    try:
-        return await waiter
-    finally:
-        timer.cancel()
-        confirmation.remove_done_callback(settle)
+def _give_up(confirmation: asyncio.Future[bool]) -> None:
+    if not confirmation.done():
+        confirmation.set_result(False)
 
 
 def _verdict(confirmation: asyncio.Future[bool]) -> bool:

@@ -30,8 +30,14 @@ class MetricsRegistry:
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(name, doc, labels, registry=self.registry)
 
-    def histogram_ms(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
-        return Histogram(name, doc, labels, buckets=MS_BUCKETS, registry=self.registry)
+    def histogram_ms(
+        self,
+        name: str,
+        doc: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = MS_BUCKETS,
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
