@@ -221,6 +221,31 @@ def metric_sum(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
+def histogram_between(
+    before: dict[str, float], after: dict[str, float], name: str
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """Count, sum and cumulative (upper bound, count) buckets of an unlabelled
+    histogram's observations between two scrapes."""
+
+    def grown(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    buckets = []
+    for key in after:
+        if key.startswith(f'{name}_bucket{{le="'):
+            bound = key[len(f'{name}_bucket{{le="') : -2]
+            buckets.append((float(bound), grown(key)))
+    return grown(f"{name}_count"), grown(f"{name}_sum"), sorted(buckets)
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float:
+    """The upper bound of the bucket holding the q-quantile (inf past the last)."""
+    for bound, cumulative in buckets:
+        if cumulative >= q * count:
+            return bound
+    return float("inf")
+
+
 async def wait_events_flushed(port: int, timeout_s: float = 60.0) -> None:
     """Until the gateway's event queue (``mics_kafka_queue_depth``) is empty."""
     deadline = time.monotonic() + timeout_s
@@ -602,10 +627,14 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
             await ack_pairs(senders, body, 50)  # warm-up (topic metadata, producer id)
             for rep in range(args.repeat_ack):
                 await wait_quiet(args.quiet_wait)
+                before = await scrape(port)
                 meter = CpuMeter({"gateway": gateway.pid, "load": os.getpid()})
                 r = await ack_pairs(senders, body, max(1, args.ack_messages // k))
                 cpu = meter.stop()
                 runs.append(r)
+                n, total, buckets = histogram_between(
+                    before, await scrape(port), "mics_offline_notify_wait_ms"
+                )
                 print(
                     f"  {label} run {rep + 1}: online p50/p99 "
                     f"{r.p('online', 0.5):.2f}/{r.p('online', 0.99):.2f} ms, offline p50/p99 "
@@ -615,6 +644,15 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
                     f"{r.count / meter.wall:,.0f} msg/s",
                     flush=True,
                 )
+                if n:
+                    # The part of the offline ack spent waiting for the broker, as the
+                    # gateway measured it (mics_offline_notify_wait_ms).
+                    print(
+                        f"    of which waiting for the broker's confirmation: mean "
+                        f"{total / n:.2f} ms, p50 <= {bucket_quantile(buckets, n, 0.5):g} ms, "
+                        f"p99 <= {bucket_quantile(buckets, n, 0.99):g} ms (histogram buckets)",
+                        flush=True,
+                    )
                 unexpected = {
                     key: n
                     for key, n in r.labels.items()
@@ -622,6 +660,17 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
                 }
                 if unexpected:
                     print(f"    WARNING: unexpected acks {unexpected}")
+            # Unloaded: one sender, one message in flight, nothing else running through
+            # the gateway. No queueing: what is left is each path's own latency.
+            await wait_quiet(args.quiet_wait)
+            alone = await ack_pairs(senders[:1], body, args.ack_unloaded_messages)
+            print(
+                f"  {label}, unloaded (one sender, one in flight): online p50/p99 "
+                f"{alone.p('online', 0.5):.2f}/{alone.p('online', 0.99):.2f} ms, offline "
+                f"p50/p99 {alone.p('offline', 0.5):.2f}/{alone.p('offline', 0.99):.2f} ms, "
+                f"p99 ratio {alone.ratio:.2f}",
+                flush=True,
+            )
             single = await single_sender(senders[0], k, body, args.ack_single_messages)
         finally:
             await close_all(clients)
@@ -643,6 +692,17 @@ async def part_ack(args: argparse.Namespace, infra: Infra) -> list[Row]:
                 f"p99 ratio {best.ratio:.2f}",
                 f"p99 ratio <= {ACK_RATIO_GOAL}",
                 met,
+                cmd,
+            )
+        )
+        rows.append(
+            Row(
+                f"sender ack p50/p99 unloaded (one sender, one in flight), {label}",
+                f"offline {alone.p('offline', 0.5):.2f}/{alone.p('offline', 0.99):.2f} ms, "
+                f"online {alone.p('online', 0.5):.2f}/{alone.p('online', 0.99):.2f} ms; "
+                f"p99 ratio {alone.ratio:.2f}",
+                "- (finding)",
+                None,
                 cmd,
             )
         )
@@ -1439,6 +1499,12 @@ def main() -> None:
         help="gateway KAFKA_LINGER_MS values, one gateway each (default 5,0)",
     )
     g.add_argument("--repeat-ack", type=int, default=3)
+    g.add_argument(
+        "--ack-unloaded-messages",
+        type=int,
+        default=1000,
+        help="per kind, one sender alone (no queueing)",
+    )
     g.add_argument(
         "--ack-single-messages",
         type=int,
