@@ -73,9 +73,10 @@ class GatewaySettings(BaseSettings):
     kafka_linger_ms: int = 5
     # linger.ms of a second producer for the OFFLINE_MESSAGE events whose confirmation
     # the sender's ack waits for (the others keep KAFKA_LINGER_MS); -1, or the same
-    # value as KAFKA_LINGER_MS: one producer for all. 1 rather than 0: as fast an ack
-    # (docs/benchmarks.md), but a loaded gateway sends fewer, fuller produce requests.
-    kafka_offline_linger_ms: int = 1
+    # value as KAFKA_LINGER_MS: one producer for all. 0: librdkafka waits in whole
+    # milliseconds, so any linger adds ~1.1 ms to every offline ack; under load the
+    # requests fill up on their own while earlier ones are in flight (docs/benchmarks.md).
+    kafka_offline_linger_ms: int = 0
     kafka_compression_type: str = "lz4"
     # "fd": librdkafka wakes the event loop through a pipe when delivery reports are
     # ready (falls back to "thread" where that cannot be set up); "thread": a thread
