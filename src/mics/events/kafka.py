@@ -143,9 +143,7 @@ class KafkaTransport:
             producer.poll(0)  # runs the reports' callbacks here, on the loop thread
         except Exception:  # a failing callback must not stop the others being served
             log.exception("Kafka delivery report poll failed")
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._run_reports(batch)
+        self._run_pending()
 
     def _safety_tick(self) -> None:
         self._safety_poll = None
@@ -201,6 +199,12 @@ class KafkaTransport:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             log.warning("Kafka delivery reports after the loop closed", extra={"count": len(batch)})
 
+    def _run_pending(self) -> None:
+        """Run the reports collected so far (loop thread, or the report thread stopped)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._run_reports(batch)
+
     def _run_reports(self, batch: list[_Report]) -> None:
         for on_done, error in batch:
             self._outstanding -= 1
@@ -219,10 +223,8 @@ class KafkaTransport:
         self._stopping.set()
         self._wake.set()
         await asyncio.to_thread(thread.join)
-        # The reports of its last poll have been handed over, or are still here.
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._run_reports(batch)
+        # The reports of its last poll have been handed over, or are still in _pending.
+        self._run_pending()
 
     # -- flush and close ----------------------------------------------------------------------
 
@@ -237,14 +239,10 @@ class KafkaTransport:
     async def close(self) -> None:
         self._stop_wakeup()
         await self._stop_thread()
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            # Reports that arrived since the last poll (the dispatcher has given up on
-            # them by now, but their callbacks must still run once).
-            producer.poll(0)
-            if self._pending:
-                batch, self._pending = self._pending, []
-                self._run_reports(batch)
+        # Reports that arrived since the last poll (the dispatcher has given up on them
+        # by now, but their callbacks must still run once).
+        self._poll_on_loop()
+        self._producer = None
 
 
 def provision_topics(
